@@ -1,0 +1,26 @@
+"""Errors that stop pgfast from starting.
+
+Each becomes one ``FATAL:`` line on stderr (with PostgreSQL's DETAIL/HINT lines when
+there are any) and exit status 1, so the wording follows PostgreSQL's where PostgreSQL
+has a message for the same condition: users and their tools grep for it.
+"""
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, detail: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+
+class ConfigError(StartupError):
+    """postgresql.conf (or -c) holds something pgfast or PostgreSQL would refuse."""
+
+
+class HbaError(StartupError):
+    """pg_hba.conf or pg_ident.conf holds a line that cannot be honoured."""
+
+
+class TLSSetupError(StartupError):
+    """The server certificate, key, CA, CRL or TLS settings cannot be used."""
