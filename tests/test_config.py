@@ -330,9 +330,9 @@ def test_invalid_custom_names_from_c(tmp_path, name):
 
 
 def test_pgfast_settings(tmp_path):
-    assert load_conf(tmp_path, "").pgfast == {"pgfast.postgres_bin": None}
+    assert load_conf(tmp_path, "").pgfast == {"pgfast.postgres_bin": None, "pgfast.admin_user": None}
     s = load_conf(tmp_path, "PGFAST.Postgres_Bin = '/opt/pg/bin/postgres'\n")
-    assert s.pgfast == {"pgfast.postgres_bin": "/opt/pg/bin/postgres"}
+    assert s.pgfast["pgfast.postgres_bin"] == "/opt/pg/bin/postgres"
     s = load_conf(tmp_path, "pgfast.postgres_bin = '/a'\n", [("pgfast.postgres_bin", "/b")])
     assert s.pgfast["pgfast.postgres_bin"] == "/b"
     assert s.passthrough == ()
@@ -487,7 +487,7 @@ def test_defaults(tmp_path):
         ssl_max_protocol_version="", ssl_ecdh_curve=None, ssl_prefer_server_ciphers=True,
         ssl_passphrase_command="", ssl_passphrase_command_supports_reload=False,
         hba_file=f"{d}/pg_hba.conf", ident_file=f"{d}/pg_ident.conf", authentication_timeout=60.0,
-        pgfast={"pgfast.postgres_bin": None}, passthrough=(), raw={})
+        pgfast={"pgfast.postgres_bin": None, "pgfast.admin_user": None}, passthrough=(), raw={})
 
 
 def test_socket_directory_default_comes_from_known(tmp_path):
