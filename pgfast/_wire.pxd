@@ -4,7 +4,7 @@
 # here runs per packet or per TLS record and allocates at most one bytes object per
 # call, never one per record or per message.
 
-cdef enum:
+cpdef enum:
     # ProcessStartupPacket's limits: shorter cannot hold a request code, longer is
     # refused before it is read (pgbouncer's get_header() caps it the same way).
     STARTUP_MIN_LENGTH = 8
@@ -23,6 +23,7 @@ cdef class ReadBuffer:
 
     cpdef feed_data(self, bytes data)
     cpdef Py_ssize_t size(self)
+    cpdef int first_byte(self)
     cdef const unsigned char *_head(self)
     cpdef take_startup(self)
     cpdef take_message(self, Py_ssize_t max_length)

@@ -39,6 +39,10 @@ cdef class ReadBuffer:
     cpdef Py_ssize_t size(self):
         return len(self._buf) - self._pos
 
+    cpdef int first_byte(self):
+        """The next unread byte, or -1: enough to tell a TLS ClientHello from a packet length."""
+        return self._head()[0] if self.size() else -1
+
     cdef inline const unsigned char *_head(self):
         return <const unsigned char *>(<char *>self._buf) + self._pos
 

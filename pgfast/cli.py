@@ -1,0 +1,82 @@
+"""The pgfast command: `pgfast init` and `pgfast run`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import __version__, log
+from .errors import StartupError
+
+
+def _data_dir(value: str | None) -> str:
+    value = value or os.environ.get("PGDATA")
+    if not value:
+        raise StartupError("no data directory specified",
+                           hint="Specify it with -D or set the PGDATA environment variable.")
+    return os.path.abspath(value)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f'-c {text} requires a value (NAME=VALUE)')
+    return name.strip().lower(), value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgfast", description="A fast, TLS-first front door for PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"pgfast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="create a data directory that serves TLS from the start")
+    init.add_argument("-D", dest="data_dir", metavar="DIR", help="data directory (default: $PGDATA)")
+    init.add_argument("-U", dest="superuser", metavar="SUPERUSER", help="database superuser name")
+    init.add_argument("--auth", default="trust", choices=["trust", "cert", "password", "md5", "scram-sha-256"],
+                      help="pg_hba.conf method for local and TCP connections (default: trust)")
+    init.add_argument("--pwfile", metavar="FILE", help="read the superuser's password from FILE")
+    init.add_argument("--key-type", default="ecdsa", choices=["ecdsa", "rsa"],
+                      help="server key: ECDSA P-256 (default) or RSA-2048")
+    init.add_argument("--key-passphrase-file", metavar="FILE", help="encrypt server.key with the passphrase in FILE")
+    init.add_argument("--user", metavar="NAME", help="account to run PostgreSQL as when started as root")
+
+    run = commands.add_parser("run", add_help=False, help="serve clients from a data directory")
+    run.add_argument("--help", action="help", help="show this help message and exit")
+    run.add_argument("-D", dest="data_dir", metavar="DIR", help="data directory (default: $PGDATA)")
+    run.add_argument("-p", dest="port", metavar="PORT", help="port to listen on")
+    run.add_argument("-h", dest="listen_addresses", metavar="ADDRESSES", help="addresses to listen on")
+    run.add_argument("-c", dest="settings", metavar="NAME=VALUE", type=_setting, action="append", default=[],
+                     help="set a configuration parameter (wins over postgresql.conf)")
+    run.add_argument("--user", metavar="NAME", help="account to run PostgreSQL as when started as root")
+    return parser
+
+
+def _init(args) -> int:
+    from . import accounts, initdb, pgbin
+    data_dir = _data_dir(args.data_dir)
+    account = accounts.database_account(data_dir, args.user)
+    info = initdb.initialise(data_dir, pgbin.find_bindir(), account, superuser=args.superuser, auth=args.auth,
+                             pwfile=args.pwfile, key_type=args.key_type,
+                             key_passphrase_file=args.key_passphrase_file)
+    print(initdb.report(info, 5432))
+    return 0
+
+
+def _run(args) -> int:
+    from .run import run
+    overrides = list(args.settings)
+    if args.port is not None:
+        overrides.append(("port", args.port))
+    if args.listen_addresses is not None:
+        overrides.append(("listen_addresses", args.listen_addresses))
+    return run(_data_dir(args.data_dir), overrides, args.user)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _init(args) if args.command == "init" else _run(args)
+    except StartupError as exc:
+        log.fatal(exc.message, detail=exc.detail, hint=exc.hint)
+        return 1
+    except KeyboardInterrupt:
+        return 1

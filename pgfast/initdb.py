@@ -1,0 +1,142 @@
+"""`pgfast init`: a new data directory that is TLS-first from its first start.
+
+PostgreSQL's own initdb makes the cluster; pgfast then turns TLS on, writes a
+self-signed certificate and a pg_hba.conf that accepts TCP only over TLS.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+from . import accounts
+from .accounts import Account
+from .errors import StartupError
+from .selfsigned import write_self_signed
+
+HBA_TEMPLATE = """\
+# pg_hba.conf written by pgfast init. TCP connections must use TLS (hostssl);
+# see PostgreSQL's documentation for the format.
+#
+# TYPE   DATABASE     USER  ADDRESS        METHOD
+local    all          all                  {method}
+hostssl  all          all   127.0.0.1/32   {method}
+hostssl  all          all   ::1/128        {method}
+local    replication  all                  {method}
+hostssl  replication  all   127.0.0.1/32   {method}
+hostssl  replication  all   ::1/128        {method}
+"""
+
+CONF_BLOCK = """
+# Added by pgfast init
+ssl = on
+pgfast.admin_user = '{superuser}'
+"""
+
+
+def is_empty_or_missing(path: str) -> bool:
+    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
+def _locale_args() -> list[str]:
+    # initdb takes the locale from the environment; with none set (containers, CI)
+    # it would pick SQL_ASCII, which nobody wants for a new cluster
+    if any(os.environ.get(name) for name in ("LC_ALL", "LC_CTYPE", "LANG")):
+        return []
+    return ["--locale=C", "--encoding=UTF8"]
+
+
+def _prepare_directory(data_dir: str, account: Account) -> None:
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    if os.geteuid() == 0:
+        os.chown(data_dir, account.uid, account.gid)
+
+
+def _run_initdb(bindir: str, data_dir: str, account: Account, superuser: str, password: str | None) -> None:
+    args = [os.path.join(bindir, "initdb"), "-D", data_dir, "-U", superuser, "--auth=trust", *_locale_args()]
+    with tempfile.TemporaryDirectory(prefix="pgfast-init-") as scratch:
+        if password is not None:
+            # initdb reads the file as the database account, which may not be able
+            # to read the caller's file; hand it a private copy instead
+            if os.geteuid() == 0:
+                os.chown(scratch, account.uid, account.gid)
+            pwfile = os.path.join(scratch, "pwfile")
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            if os.geteuid() == 0:
+                os.chown(pwfile, account.uid, account.gid)
+            args.append(f"--pwfile={pwfile}")
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                cwd="/", **accounts.subprocess_user(account))
+    if result.returncode != 0:
+        raise StartupError("initdb failed", detail=(result.stderr or result.stdout).strip())
+
+
+def _first_line(path: str, what: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n")
+    except OSError as exc:
+        raise StartupError(f'could not read {what} file "{path}": {exc.strerror}')
+
+
+def initialise(data_dir: str, bindir: str, account: Account, *, superuser: str | None = None,
+               auth: str = "trust", pwfile: str | None = None, key_type: str = "ecdsa",
+               key_passphrase_file: str | None = None) -> dict:
+    """Create the cluster; returns what was made, for the caller to report."""
+    if not is_empty_or_missing(data_dir):
+        raise StartupError(f'directory "{data_dir}" exists but is not empty',
+                           hint=f'Remove or empty "{data_dir}", or run pgfast with it as it is.')
+    superuser = superuser or account.name
+    password = _first_line(pwfile, "password") if pwfile else None
+    if auth in ("password", "md5", "scram-sha-256") and password is None:
+        raise StartupError(f'--auth {auth} needs --pwfile with the superuser\'s password',
+                           hint="Otherwise no one could log in.")
+    passphrase = _first_line(key_passphrase_file, "passphrase").encode() if key_passphrase_file else None
+    _prepare_directory(data_dir, account)
+    try:
+        _run_initdb(bindir, data_dir, account, superuser, password)
+        owner = {"owner_uid": account.uid, "owner_gid": account.gid} if os.geteuid() == 0 else {}
+        write_self_signed(os.path.join(data_dir, "server.crt"), os.path.join(data_dir, "server.key"),
+                          key_type=key_type, passphrase=passphrase, **owner)
+        _write_config(data_dir, account, superuser, auth)
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    return {"data_dir": data_dir, "superuser": superuser, "auth": auth, "key_type": key_type,
+            "encrypted_key": passphrase is not None}
+
+
+def _write_config(data_dir: str, account: Account, superuser: str, auth: str) -> None:
+    with open(os.path.join(data_dir, "postgresql.conf"), "a") as f:
+        f.write(CONF_BLOCK.format(superuser=superuser.replace("'", "''")))
+    hba_path = os.path.join(data_dir, "pg_hba.conf")
+    with open(hba_path, "w") as f:
+        f.write(HBA_TEMPLATE.format(method=auth))
+    if os.geteuid() == 0:
+        os.chown(hba_path, account.uid, account.gid)
+
+
+def connection_string(info: dict, port: int) -> str:
+    crt = os.path.join(info["data_dir"], "server.crt")
+    return (f'host=localhost port={port} dbname=postgres user={info["superuser"]} '
+            f'sslmode=verify-full sslrootcert={crt}')
+
+
+def report(info: dict, port: int) -> str:
+    lines = [
+        f'Initialised PostgreSQL data directory "{info["data_dir"]}" for pgfast:',
+        f'  superuser "{info["superuser"]}", pg_hba.conf method {info["auth"]}, TCP over TLS only (hostssl)',
+        f'  ssl = on; server.crt and server.key: self-signed {info["key_type"].upper()} certificate for '
+        f'localhost, 127.0.0.1, ::1 and {socket.gethostname()}',
+    ]
+    if info["encrypted_key"]:
+        lines.append("  server.key is encrypted: pgfast run asks for its passphrase on the terminal, "
+                     "or set ssl_passphrase_command")
+    lines += ["", "Start it with:", f'    pgfast run -D {info["data_dir"]}', "", "Connect with:",
+              f'    psql "{connection_string(info, port)}"']
+    return "\n".join(lines)

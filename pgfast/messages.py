@@ -1,0 +1,59 @@
+"""The few backend messages pgfast writes itself (everything else is relayed).
+
+Built once per connection at most, so plain Python is the right tool here.
+"""
+import struct
+
+from ._wire import pack_int32
+
+AUTHENTICATION_OK = b"R" + pack_int32(8) + pack_int32(0)
+SSL_ACCEPT = b"S"
+SSL_REFUSE = b"N"
+
+
+def message(msg_type: bytes, payload: bytes) -> bytes:
+    return msg_type + pack_int32(len(payload) + 4) + payload
+
+
+def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
+    parts = [b"S", severity.encode(), b"\0", b"V", severity.encode(), b"\0",
+             b"C", sqlstate.encode(), b"\0", b"M", text.encode("utf-8", "surrogateescape"), b"\0"]
+    if detail:
+        parts += [b"D", detail.encode("utf-8", "surrogateescape"), b"\0"]
+    if hint:
+        parts += [b"H", hint.encode("utf-8", "surrogateescape"), b"\0"]
+    parts.append(b"\0")
+    return b"".join(parts)
+
+
+def error(sqlstate: str, text: str, detail: str | None = None, hint: str | None = None,
+          severity: str = "FATAL") -> bytes:
+    return message(b"E", _fields(severity, sqlstate, text, detail, hint))
+
+
+def backend_key_data(pid: int, key: int) -> bytes:
+    return message(b"K", struct.pack("!iI", pid, key))
+
+
+def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
+    names = b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in unrecognized)
+    return message(b"v", struct.pack("!ii", newest_minor, len(unrecognized)) + names)
+
+
+def startup_message(params: list[tuple[str, str]]) -> bytes:
+    body = b"".join(k.encode("utf-8", "surrogateescape") + b"\0" + v.encode("utf-8", "surrogateescape") + b"\0"
+                    for k, v in params)
+    return pack_int32(len(body) + 9) + pack_int32(196608) + body + b"\0"
+
+
+def cancel_request(pid: int, key: int) -> bytes:
+    return struct.pack("!iiiI", 16, 80877102, pid, key)
+
+
+def parse_error_fields(payload: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse payload -> {field code: text}."""
+    fields = {}
+    for part in payload.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields

@@ -1,0 +1,150 @@
+"""`pgfast run`: start-up in PostgreSQL's order, serve, and stop cleanly.
+
+Everything that can refuse to start is checked before anything listens or runs:
+configuration, TLS files, pg_hba.conf; then sockets, then PostgreSQL itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures.thread  # noqa: F401  (see below)
+import encodings.idna  # noqa: F401
+import linecache  # noqa: F401
+import os
+import signal
+import sys
+import traceback  # noqa: F401
+
+from . import accounts, config, initdb, listeners, log, pgbin
+from .auth import SUPPORTED_METHODS
+from .catalog import Catalog
+from .errors import StartupError
+from .hba import load_hba, load_ident
+from .postmaster import Postmaster, live_postmaster_pid
+from .server import Frontend
+from .tls import load_server_tls
+
+try:
+    import uvloop
+except ImportError:     # pgfast runs on asyncio's own loop too, only slower
+    uvloop = None
+
+# Everything pgfast imports is imported above, before it drops root's rights: the
+# Python installation may be readable by root only (e.g. under /root), and a module
+# first needed later (the executor behind run_in_executor, the idna codec behind
+# getaddrinfo, traceback printing) could then never be loaded.
+
+
+def _load_settings(data_dir: str, overrides: list[tuple[str, str]]) -> tuple[config.Settings, str]:
+    # pgfast.postgres_bin can only come from the configuration, and the names
+    # PostgreSQL knows can only come from that binary: read twice
+    first = config.load(data_dir, overrides, known=None)
+    bindir = pgbin.find_bindir(first.pgfast.get("pgfast.postgres_bin"))
+    return config.load(data_dir, overrides, known=config.describe_config(bindir)), bindir
+
+
+def _initialise_if_needed(data_dir: str, user: str | None) -> dict | None:
+    if not initdb.is_empty_or_missing(data_dir):
+        return None
+    log.log(f'data directory "{data_dir}" is missing or empty; initialising it')
+    account = accounts.database_account(data_dir, user)
+    return initdb.initialise(data_dir, pgbin.find_bindir(), account)
+
+
+def _check_not_running(data_dir: str) -> None:
+    pid = live_postmaster_pid(data_dir)
+    if pid is not None:
+        raise StartupError('lock file "postmaster.pid" already exists',
+                           hint=f'Is another postmaster (PID {pid}) running in data directory "{data_dir}"?')
+
+
+def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
+    initialised = _initialise_if_needed(data_dir, user)
+    if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
+        raise StartupError(f'"{data_dir}" is not a valid data directory',
+                           detail='File "PG_VERSION" is missing.')
+    settings, bindir = _load_settings(data_dir, overrides)
+    if initialised:
+        print(initdb.report(initialised, settings.port), file=sys.stderr, flush=True)
+    account = accounts.database_account(data_dir, user)
+    _check_not_running(data_dir)
+    tls = None
+    if settings.ssl:
+        tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
+    hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
+    ident = load_ident(settings.ident_file)
+    tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port)
+    accounts.drop_privileges(account)
+    accounts.check_reachable(data_dir, account)
+    unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
+    postmaster = Postmaster(bindir, settings)
+    try:
+        postmaster.start()
+        admin = settings.pgfast.get("pgfast.admin_user") or account.name
+        catalog = Catalog(postmaster.socket_path, admin)
+        return _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_sockets)
+    finally:
+        postmaster.stop()
+        for _sock, path in unix_sockets:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+
+
+def _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_sockets) -> int:
+    loop = _new_event_loop()
+    asyncio.set_event_loop(loop)
+    stopping = loop.create_future()
+
+    def request_stop(reason: str, status: int) -> None:
+        if not stopping.done():
+            log.log(reason)
+            stopping.set_result(status)
+
+    loop.add_signal_handler(signal.SIGTERM, request_stop, "received fast shutdown request", 0)
+    loop.add_signal_handler(signal.SIGINT, request_stop, "received fast shutdown request", 0)
+    loop.add_signal_handler(signal.SIGHUP, log.log,
+                            "received SIGHUP: pgfast reads its configuration at start; restart it to apply changes")
+    _watch_postmaster(loop, postmaster, request_stop)
+
+    async def main() -> int:
+        frontend = Frontend(settings, hba, ident, tls, postmaster.socket_path, catalog)
+        await frontend.serve(tcp_sockets, unix_sockets)
+        log.log("database system is ready to accept connections")
+        status = await stopping
+        await frontend.shutdown()
+        return status
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _watch_postmaster(loop, postmaster: Postmaster, request_stop) -> None:
+    """PostgreSQL restarts its own crashed backends; if the postmaster itself goes,
+    pgfast has nothing to serve and stops too."""
+    process = postmaster.process
+
+    def report() -> None:
+        request_stop(f"PostgreSQL exited unexpectedly with status {process.wait()}; shutting down", 1)
+
+    if hasattr(os, "pidfd_open"):
+        fd = os.pidfd_open(process.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            report()
+        loop.add_reader(fd, on_exit)
+    else:   # no pidfd (macOS): look once a second
+        def poll() -> None:
+            if process.poll() is None:
+                loop.call_later(1.0, poll)
+            else:
+                report()
+        loop.call_later(1.0, poll)
