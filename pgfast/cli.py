@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from . import __version__, log
-from .errors import StartupError
+from .errors import PostgresRefused, StartupError
 
 
 def _data_dir(value: str | None) -> str:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _init(args) if args.command == "init" else _run(args)
+    except PostgresRefused as exc:
+        sys.stderr.write(exc.output)
+        return 1
     except StartupError as exc:
         log.fatal(exc.message, detail=exc.detail, hint=exc.hint)
         return 1

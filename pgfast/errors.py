@@ -24,3 +24,11 @@ class HbaError(StartupError):
 
 class TLSSetupError(StartupError):
     """The server certificate, key, CA, CRL or TLS settings cannot be used."""
+
+
+class PostgresRefused(StartupError):
+    """PostgreSQL itself refused its configuration; its own lines say why."""
+
+    def __init__(self, output: str):
+        super().__init__("PostgreSQL refused its configuration")
+        self.output = output

@@ -16,12 +16,15 @@ import sys
 import tempfile
 import time
 
-from . import log
+from . import accounts, log
+from .accounts import Account
 from .config import Settings
-from .errors import StartupError
+from .errors import PostgresRefused, StartupError
 
 _PR_SET_PDEATHSIG = 1
-_PRIVATE_HBA = "# written by pgfast: PostgreSQL serves only pgfast, over this directory's socket\nlocal all all trust\n"
+# "all" never matches a physical replication connection: it needs its own line
+_PRIVATE_HBA = ("# written by pgfast: PostgreSQL serves only pgfast, over this directory's socket\n"
+                "local all all trust\nlocal replication all trust\n")
 
 
 def live_postmaster_pid(data_dir: str) -> int | None:
@@ -71,13 +74,25 @@ class Postmaster:
             "ident_file": os.path.join(self.socket_dir, "pg_ident.conf"),
             "port": str(self.settings.port),
         }
-        args = [os.path.join(self.bindir, "postgres"), "-D", self.settings.data_dir]
-        for name, value in self.settings.passthrough:
-            if name not in forced:
-                args += ["-c", f"{name}={value}"]
+        args = self._user_args(skip=forced)
         for name, value in forced.items():
             args += ["-c", f"{name}={value}"]
         return args
+
+    def _user_args(self, skip=()) -> list[str]:
+        args = [os.path.join(self.bindir, "postgres"), "-D", self.settings.data_dir]
+        for name, value in self.settings.passthrough:
+            if name not in skip:
+                args += ["-c", f"{name}={value}"]
+        return args
+
+    def check_config(self, account: Account) -> None:
+        """Let PostgreSQL vet its own configuration (postgres -C) before anything listens:
+        a bad value for a setting only PostgreSQL reads is then reported in its words."""
+        result = subprocess.run(self._user_args() + ["-C", "data_directory"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, cwd="/", **accounts.subprocess_user(account))
+        if result.returncode != 0:
+            raise PostgresRefused(result.stderr)
 
     def start(self) -> None:
         """Start PostgreSQL and wait until it accepts connections."""

@@ -72,11 +72,12 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
     hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
     ident = load_ident(settings.ident_file)
+    postmaster = Postmaster(bindir, settings)
+    postmaster.check_config(account)
     tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port)
     accounts.drop_privileges(account)
     accounts.check_reachable(data_dir, account)
     unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
-    postmaster = Postmaster(bindir, settings)
     try:
         postmaster.start()
         admin = settings.pgfast.get("pgfast.admin_user") or account.name

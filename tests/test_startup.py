@@ -546,9 +546,6 @@ def test_bad_value_in_postgresql_conf(tls_dir):
                  message=f'invalid value for parameter "max_connections": "lots" in file "{conf}" line {line}')
 
 
-@pytest.mark.xfail(strict=True, reason="pgfast checks only the values of the settings it uses itself; a bad "
-                   "value of any other setting is found by postgres after pgfast has bound its sockets, and "
-                   "is reported twice (postgres's FATAL, then pgfast's 'PostgreSQL did not start')")
 def test_bad_value_of_a_postgresql_only_setting(tls_dir):
     append_conf(tls_dir, "work_mem = lots")
     conf = os.path.join(tls_dir, "postgresql.conf")
