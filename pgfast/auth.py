@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import log
 from .hba import HbaLine, HbaRules, IdentMap
 
 # Methods pgfast can honour at the front today; any other pg_hba.conf method is a
@@ -23,6 +24,7 @@ class ClientInfo:
     database: str
     replication: bool         # physical replication (replication=true)
     certificate_cn: str | None  # CN of the verified client certificate
+    ca_loaded: bool = True    # a root certificate store (ssl_ca_file, root.crt) is in force
 
     @property
     def host(self) -> str:
@@ -76,6 +78,9 @@ def check_client_certificate(line: HbaLine, info: ClientInfo, ident: IdentMap) -
     CN that is the user (or maps to it through pg_ident.conf)."""
     if line.clientcert is None:
         return
+    if not info.ca_loaded:
+        raise AuthFailed("F0000", "client certificates can only be checked if a root certificate store "
+                                  "is available")
     if info.certificate_cn is None:
         raise AuthFailed("28000", "connection requires a valid client certificate", _line_context(line))
     if line.clientcert != "verify-full" or _certificate_names_user(line, info, ident):
@@ -84,8 +89,9 @@ def check_client_certificate(line: HbaLine, info: ClientInfo, ident: IdentMap) -
               f'do not match. {_line_context(line)}')
     if line.method == "cert":
         raise AuthFailed("28000", f'certificate authentication failed for user "{info.user}"', detail)
-    raise AuthFailed("28000", f'certificate validation (clientcert=verify-full) failed for user '
-                              f'"{info.user}": CN mismatch', detail)
+    # PostgreSQL logs the reason and tells the client that the line's method (trust) failed
+    log.log(f'certificate validation (clientcert=verify-full) failed for user "{info.user}": CN mismatch')
+    raise AuthFailed("28000", f'"{line.method}" authentication failed for user "{info.user}"', detail)
 
 
 def authorize(rules: HbaRules, ident: IdentMap, info: ClientInfo, roles: frozenset[str] | None,

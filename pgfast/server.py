@@ -357,9 +357,11 @@ class ClientConnection(asyncio.Protocol):
             raise Refused("53300", "sorry, too many clients already")
         info = ClientInfo(local=self._local, ssl=self._pump is not None, address=self._address, user=user,
                           database=database, replication=replication,
-                          certificate_cn=peer_certificate_cn(self._tls) if self._tls is not None else None)
-        if "database" not in values:
-            params.append(("database", database))
+                          certificate_cn=peer_certificate_cn(self._tls) if self._tls is not None else None,
+                          ca_loaded=self._frontend.tls is not None and self._frontend.tls.requests_client_cert)
+        # the parameters go to PostgreSQL as the client sent them (less _pq_ options): it
+        # defaults the database to the user itself, and adding it here could push a
+        # packet PostgreSQL accepts from the client past its 10000-byte limit
         self._set_state(State.AUTHENTICATING)
         self._task = asyncio.get_running_loop().create_task(self._authenticate_and_connect(info, params))
 
