@@ -5,10 +5,12 @@
 # call, never one per record or per message.
 
 cpdef enum:
-    # ProcessStartupPacket's limits: shorter cannot hold a request code, longer is
-    # refused before it is read (pgbouncer's get_header() caps it the same way).
+    # ProcessStartupPacket's limits on the length word, which counts itself: PostgreSQL
+    # subtracts 4 and refuses fewer than 4 bytes (no request code) or more than
+    # MAX_STARTUP_PACKET_LENGTH (10000), so 8 .. 10004 in all; longer is refused before
+    # it is read.
     STARTUP_MIN_LENGTH = 8
-    STARTUP_MAX_LENGTH = 10000
+    STARTUP_MAX_LENGTH = 10004
 
     PROTOCOL_3_0 = 196608          # 3 << 16
     CANCEL_REQUEST_CODE = 80877102  # 1234 << 16 | 5678

@@ -97,7 +97,8 @@ def parse_startup_parameters(bytes body):
     fields = body[:len(body) - 1].split(b"\0")
     if fields == [b""]:
         return []
-    if len(fields) % 2 != 1 or fields[len(fields) - 1] != b"":
+    # an empty name ends PostgreSQL's walk, so it is only allowed as that final NUL
+    if len(fields) % 2 != 1 or fields[len(fields) - 1] != b"" or b"" in fields[0:len(fields) - 1:2]:
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     fields.pop()
     strings = [f.decode("utf-8", "surrogateescape") for f in fields]
@@ -127,9 +128,10 @@ cdef class MessageScanner:
         cdef Py_ssize_t take
         while i < n:
             if self._remaining > 0:
-                if self.last_type == b'Z' and self._remaining == 1:
-                    self.tx_status = p[i]
                 take = min(self._remaining, n - i)
+                if self.last_type == b'Z' and take == self._remaining:
+                    # the status is ReadyForQuery's last byte, wherever the chunk starts
+                    self.tx_status = p[i + take - 1]
                 self._remaining -= take
                 i += take
                 continue
@@ -233,6 +235,8 @@ cdef class TLSPump:
             return b""
         if n:
             _calls.BIO_write(self._into_ssl, PyBytes_AS_STRING(ciphertext), <int>n)
+        # as be_tls_read does: an error other code left queued must not be taken for ours
+        _calls.ERR_clear_error()
         while True:
             # plaintext never outgrows its ciphertext by more than one record (a partial
             # record from an earlier call completing now), so this grows at most once
@@ -256,6 +260,7 @@ cdef class TLSPump:
         cdef int wrote
         if self._state == PUMP_FAILED:
             raise TLSError("connection already failed")
+        _calls.ERR_clear_error()
         # pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so each call may take
         # only one record's worth
         while left > 0:
