@@ -5,14 +5,32 @@ reason separately for the server log, as PostgreSQL keeps them apart.
 """
 from __future__ import annotations
 
+import hmac
+import os
+import struct
 from dataclasses import dataclass
+from typing import Protocol
 
-from . import log
+import scramp
+
+from . import log, messages
+from .catalog import Credentials
 from .hba import HbaLine, HbaRules, IdentMap
+from .passwords import (SCRAM, SCRAM_PLUS, ScramServer, check_plain_password, is_md5, md5_salted, mock_scram,
+                        parse_scram)
 
-# Methods pgfast can honour at the front today; any other pg_hba.conf method is a
-# start-up error rather than something quietly weakened.
-SUPPORTED_METHODS = frozenset({"trust", "reject", "cert"})
+PASSWORD_METHODS = frozenset({"password", "md5", "scram-sha-256"})
+# Methods pgfast can honour at the front; any other pg_hba.conf method is a start-up
+# error rather than something quietly weakened.
+SUPPORTED_METHODS = frozenset({"trust", "reject", "cert"}) | PASSWORD_METHODS
+# PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: the longest password or SASL message accepted
+MAX_AUTH_TOKEN_LENGTH = 65535
+
+_AUTH_CLEARTEXT = 3
+_AUTH_MD5 = 5
+_AUTH_SASL = 10
+_AUTH_SASL_CONTINUE = 11
+_AUTH_SASL_FINAL = 12
 
 
 @dataclass(frozen=True)
@@ -107,3 +125,149 @@ def authorize(rules: HbaRules, ident: IdentMap, info: ClientInfo, roles: frozens
         raise _rejected(info)
     check_client_certificate(line, info, ident)
     return line
+
+
+class ClientGone(Exception):
+    """The client ended the exchange without an answer (PostgreSQL closes silently)."""
+
+
+class Exchange(Protocol):
+    """The client side of an authentication exchange, as the server connection offers it."""
+
+    def send(self, data: bytes) -> None: ...
+
+    async def receive(self) -> tuple[int, bytes]: ...
+
+
+def _request(code: int, data: bytes = b"") -> bytes:
+    return messages.message(b"R", struct.pack("!i", code) + data)
+
+
+def _malformed(detail: str) -> AuthFailed:
+    return AuthFailed("08P01", "malformed SCRAM message", detail)
+
+
+async def _password_message(exchange: Exchange, kind: str) -> bytes:
+    msg_type, payload = await exchange.receive()
+    if msg_type != ord("p"):
+        raise AuthFailed("08P01", f"expected {kind} response, got message type {msg_type}")
+    return payload
+
+
+def _secret_problem(user: str, credentials: Credentials | None) -> str | None:
+    """Why this role cannot log in by password whatever is typed, for the log only."""
+    if credentials is None:
+        return f'Role "{user}" does not exist.'
+    if not credentials.secret:
+        return f'User "{user}" has no password assigned.'
+    if credentials.expired:
+        return f'User "{user}" has an expired password.'
+    if not credentials.can_login:
+        return f'Role "{user}" is not permitted to log in.'
+    return None
+
+
+async def authenticate_password(line: HbaLine, info: ClientInfo, exchange: Exchange,
+                                credentials: Credentials | None, channel_binding: bytes | None,
+                                password_encryption: str) -> None:
+    """The password, md5 and scram-sha-256 methods, with PostgreSQL's rules for which
+    exchange each secret gets. A role that cannot log in still goes through the whole
+    exchange and fails at its end, so the client learns nothing about which roles exist."""
+    problem = _secret_problem(info.user, credentials)
+    secret = credentials.secret if problem is None else None
+    mismatch = f'Password does not match for user "{info.user}".'
+    if line.method == "password":
+        password = await _cleartext_password(exchange)
+        if problem is None and not check_plain_password(secret, password, info.user):
+            problem = mismatch
+    elif line.method == "md5" and (is_md5(secret) or (secret is None and password_encryption == "md5")):
+        if not await _md5_exchange(exchange, secret) and problem is None:
+            problem = mismatch
+    else:
+        scram = parse_scram(secret)
+        if problem is None and scram is None:
+            problem = f'User "{info.user}" does not have a valid SCRAM secret.'
+        if not await _scram_exchange(exchange, scram or mock_scram(info.user), channel_binding) and problem is None:
+            problem = mismatch
+    if problem is not None:
+        raise AuthFailed("28P01", f'password authentication failed for user "{info.user}"',
+                         f"{problem} {_line_context(line)}")
+
+
+async def _cleartext_password(exchange: Exchange) -> str:
+    exchange.send(_request(_AUTH_CLEARTEXT))
+    return await _password_text(exchange)
+
+
+async def _md5_exchange(exchange: Exchange, secret: str | None) -> bool:
+    salt = os.urandom(4)
+    exchange.send(_request(_AUTH_MD5, salt))
+    response = await _password_text(exchange)
+    return secret is not None and hmac.compare_digest(response.encode(), md5_salted(secret, salt).encode())
+
+
+async def _password_text(exchange: Exchange) -> str:
+    """A PasswordMessage: one NUL-terminated string, as PostgreSQL's recv_password_packet reads it."""
+    payload = await _password_message(exchange, "password")
+    if payload.find(b"\0") != len(payload) - 1:
+        raise AuthFailed("08P01", "invalid password packet size")
+    if len(payload) == 1:
+        log.log("empty password returned by client")
+        raise ClientGone()
+    return payload[:-1].decode("utf-8", "surrogateescape")
+
+
+def _initial_response(payload: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse: mechanism name, then an int32 length and that many bytes."""
+    end = payload.find(b"\0")
+    if end < 0 or len(payload) < end + 5:
+        raise AuthFailed("08P01", "malformed SASL message")
+    (length,) = struct.unpack_from("!i", payload, end + 1)
+    data = payload[end + 5:]
+    if length != len(data):
+        raise AuthFailed("08P01", "malformed SASL message")
+    return payload[:end].decode("ascii", "replace"), data
+
+
+def _check_channel_binding_flag(mechanism: str, client_first: str, binding_offered: bool) -> None:
+    """PostgreSQL's read_client_first_message rules for the gs2 flag, with its messages."""
+    flag = client_first[:1]
+    if flag == "y" and binding_offered:
+        raise AuthFailed("08P01", "SCRAM channel binding negotiation error",
+                         "The client supports SCRAM channel binding but thinks the server does not.  "
+                         "However, this server does support channel binding.")
+    if flag == "p" and mechanism != SCRAM_PLUS:
+        raise _malformed("The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message "
+                         "includes channel binding data.")
+    if flag in ("n", "y") and mechanism == SCRAM_PLUS:
+        raise _malformed("The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include "
+                         "channel binding data.")
+    if flag == "p" and not client_first.startswith("p=tls-server-end-point,"):
+        cb_type = client_first[2:].split(",", 1)[0]
+        raise AuthFailed("08P01", f'unsupported SCRAM channel-binding type "{cb_type}"')
+    if flag not in ("n", "y", "p"):
+        raise _malformed(f'Unexpected channel-binding flag "{flag}".')
+
+
+async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | None) -> bool:
+    mechanisms = [SCRAM_PLUS, SCRAM] if channel_binding is not None else [SCRAM]
+    exchange.send(_request(_AUTH_SASL, b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0"))
+    mechanism, initial = _initial_response(await _password_message(exchange, "SASL"))
+    if mechanism not in mechanisms:
+        raise AuthFailed("08P01", "client selected an invalid SASL authentication mechanism")
+    try:
+        client_first = initial.decode("utf-8")
+        _check_channel_binding_flag(mechanism, client_first, channel_binding is not None)
+        server = ScramServer(mechanism, secret, channel_binding)
+        server_first = server.first(client_first)
+    except (UnicodeDecodeError, scramp.ScramException) as exc:
+        raise _malformed(str(exc)) from None
+    exchange.send(_request(_AUTH_SASL_CONTINUE, server_first.encode()))
+    client_final = await _password_message(exchange, "SASL")
+    try:
+        accepted, server_final = server.final(client_final.decode("utf-8"))
+    except (UnicodeDecodeError, scramp.ScramException) as exc:
+        raise _malformed(str(exc)) from None
+    if accepted:
+        exchange.send(_request(_AUTH_SASL_FINAL, server_final.encode()))
+    return accepted

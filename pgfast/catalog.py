@@ -1,29 +1,45 @@
 """What pgfast asks PostgreSQL's catalogs: role membership (pg_hba's +group and
-samerole), over the private socket, as the cluster's admin role.
+samerole) and login credentials (pg_authid), over the private socket, as the
+cluster's admin role.
 
-Answers are cached briefly: a membership change takes effect within CACHE_SECONDS,
-while a burst of connections by one user costs one query.
+One admin session is kept open while it is used (a lookup is then one round trip,
+not a backend start) and closed after a quiet minute. Answers are cached for
+CACHE_SECONDS: a burst of logins by one user costs one query, and a changed
+password or membership takes effect within that time.
 """
 from __future__ import annotations
 
 import asyncio
 import struct
 import time
+from dataclasses import dataclass
 
-from . import messages
+from . import log, messages
 from ._wire import ReadBuffer
-from .backend import BackendRefused, open_backend
+from .backend import BackendConnection, BackendRefused, open_backend
 
-CACHE_SECONDS = 2.0
+CACHE_SECONDS = 1.0
+IDLE_SECONDS = 60.0
 _RESULT_LIMIT = 1 << 24
+_CACHE_ENTRIES = 4096
 
 ROLES_OF = ("SELECT r.rolname FROM pg_catalog.pg_roles r "
             "WHERE pg_catalog.pg_has_role((SELECT u.oid FROM pg_catalog.pg_roles u WHERE u.rolname = $1), "
             "r.oid, 'MEMBER')")
+CREDENTIALS_OF = ("SELECT rolpassword, rolcanlogin, "
+                  "coalesce(rolvaliduntil < pg_catalog.now(), false) "
+                  "FROM pg_catalog.pg_authid WHERE rolname = $1")
 
 
 class CatalogError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Credentials:
+    secret: str | None       # pg_authid.rolpassword: SCRAM verifier, md5 hash or NULL
+    can_login: bool
+    expired: bool            # rolvaliduntil has passed
 
 
 def _extended_query(sql: str, params: list[str]) -> bytes:
@@ -54,38 +70,55 @@ def _data_row(payload: bytes) -> tuple[str | None, ...]:
     return tuple(values)
 
 
-class _Collector:
-    """Stands where a client would, on a backend session used for one query."""
+class _AdminSession:
+    """Stands where a client would, on the backend session pgfast queries through."""
 
-    def __init__(self) -> None:
-        self.buffer = ReadBuffer()
-        self.rows: list[tuple[str | None, ...]] = []
-        self.error: dict[str, str] | None = None
-        self.done = asyncio.get_running_loop().create_future()
+    def __init__(self, backend: BackendConnection):
+        self.backend = backend
+        self.lost = False
+        self._buffer = ReadBuffer()
+        self._rows: list[tuple[str | None, ...]] = []
+        self._error: dict[str, str] | None = None
+        self._done: asyncio.Future | None = None
+        backend.peer = self
+
+    async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
+        self._rows, self._error = [], None
+        self._done = asyncio.get_running_loop().create_future()
+        self.backend.write(_extended_query(sql, params))
+        await self._done
+        if self._error:
+            raise CatalogError(self._error.get("M", "catalog query failed"))
+        return self._rows
 
     def backend_data(self, data: bytes) -> None:
-        self.buffer.feed_data(data)
-        while not self.done.done():
-            msg = self.buffer.take_message(_RESULT_LIMIT)
+        self._buffer.feed_data(data)
+        while True:
+            msg = self._buffer.take_message(_RESULT_LIMIT)
             if msg is None:
                 return
             msg_type, payload = msg
             if msg_type == ord("D"):
-                self.rows.append(_data_row(payload))
+                self._rows.append(_data_row(payload))
             elif msg_type == ord("E"):
-                self.error = messages.parse_error_fields(payload)
-            elif msg_type == ord("Z"):
-                self.done.set_result(None)
+                self._error = messages.parse_error_fields(payload)
+            elif msg_type == ord("Z") and self._done is not None and not self._done.done():
+                self._done.set_result(None)
 
     def backend_lost(self) -> None:
-        if not self.done.done():
-            self.done.set_exception(CatalogError("PostgreSQL closed the catalog connection"))
+        self.lost = True
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(CatalogError("PostgreSQL closed pgfast's catalog session"))
 
     def pause_client_reading(self) -> None:
         pass
 
     def resume_client_reading(self) -> None:
         pass
+
+    def close(self) -> None:
+        self.backend.write(messages.message(b"X", b""))
+        self.backend.close()
 
 
 class Catalog:
@@ -94,24 +127,33 @@ class Catalog:
         self._admin_user = admin_user
         self._database = database
         self._cache: dict[tuple, tuple[float, object]] = {}
+        self._session: _AdminSession | None = None
+        self._lock = asyncio.Lock()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
-    async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
+    async def _open_session(self) -> _AdminSession:
         try:
             backend, _ = await open_backend(self._socket, [
                 ("user", self._admin_user), ("database", self._database), ("application_name", "pgfast")])
         except BackendRefused as refusal:
-            raise CatalogError(f'pgfast could not connect as "{self._admin_user}": {refusal}') from None
-        collector = _Collector()
-        backend.peer = collector
-        try:
-            backend.write(_extended_query(sql, params))
-            await collector.done
-            backend.write(messages.message(b"X", b""))
-        finally:
-            backend.close()
-        if collector.error:
-            raise CatalogError(collector.error.get("M", "catalog query failed"))
-        return collector.rows
+            raise CatalogError(f'pgfast could not read the catalogs as "{self._admin_user}": {refusal}') from None
+        return _AdminSession(backend)
+
+    async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
+        async with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if self._session is None or self._session.lost:
+                self._session = await self._open_session()
+            try:
+                return await self._session.query(sql, params)
+            finally:
+                self._idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.close)
+
+    def close(self) -> None:
+        if self._session is not None and not self._session.lost:
+            self._session.close()
+        self._session = None
 
     async def _cached(self, key: tuple, compute):
         now = time.monotonic()
@@ -119,6 +161,8 @@ class Catalog:
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
         value = await compute()
+        if len(self._cache) > _CACHE_ENTRIES:
+            self._cache = {k: v for k, v in self._cache.items() if now - v[0] < CACHE_SECONDS}
         self._cache[key] = (now, value)
         return value
 
@@ -128,3 +172,19 @@ class Catalog:
         async def compute():
             return frozenset(row[0] for row in await self.query(ROLES_OF, [user]))
         return await self._cached(("roles_of", user), compute)
+
+    async def credentials(self, user: str) -> Credentials | None:
+        """The role's login credentials; None when no such role exists."""
+        async def compute():
+            rows = await self.query(CREDENTIALS_OF, [user])
+            if not rows:
+                return None
+            secret, can_login, expired = rows[0]
+            return Credentials(secret, can_login == "t", expired == "t")
+        return await self._cached(("credentials", user), compute)
+
+
+def log_catalog_failure(exc: CatalogError) -> None:
+    log.log(f"pgfast could not read PostgreSQL's catalogs: {exc}",
+            hint="pgfast reads them as pgfast.admin_user (default: the account running PostgreSQL); "
+                 "that role must exist and be a superuser.")

@@ -118,6 +118,7 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_soc
         log.log("database system is ready to accept connections")
         status = await stopping
         await frontend.shutdown()
+        catalog.close()
         return status
 
     try:

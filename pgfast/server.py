@@ -23,9 +23,10 @@ from OpenSSL import SSL
 from . import _openssl, log, messages
 from ._wire import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
                     ProtocolViolation, ReadBuffer, TLSError, parse_startup_parameters)
-from .auth import AuthFailed, ClientInfo, authorize
+from .auth import (MAX_AUTH_TOKEN_LENGTH, PASSWORD_METHODS, AuthFailed, ClientGone, ClientInfo,
+                   authenticate_password, authorize)
 from .backend import BackendRefused, open_backend, send_cancel
-from .catalog import Catalog
+from .catalog import Catalog, CatalogError, log_catalog_failure
 from .config import Settings
 from .hba import HbaRules, IdentMap, resolve_client_hostname
 from .tls import ServerTLS, alpn_protocol, peer_certificate_cn, verify_failure
@@ -99,6 +100,8 @@ class Frontend:
         self.tls = tls
         self.backend_socket = backend_socket
         self.catalog = catalog
+        # what an unknown role's password is checked as (PostgreSQL: password_encryption)
+        self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
         self.clients: set[ClientConnection] = set()
         self.sessions = 0               # clients past their startup packet
         self._cancel_keys: dict[int, tuple[int, int]] = {}   # backend pid -> (client key, backend key)
@@ -164,6 +167,7 @@ class ClientConnection(asyncio.Protocol):
         self._backend = None
         self._backend_pid = 0
         self._task: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None     # authentication waits here for the client
 
     # --- state -------------------------------------------------------------------------
 
@@ -210,6 +214,8 @@ class ClientConnection(asyncio.Protocol):
             self._do_negotiate()
         elif self._inbuf.size() > _PREAUTH_LIMIT:
             self._refuse(Refused("08P01", "too much data received before authentication completed"))
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def eof_received(self):
         if self._state == State.NEGOTIATING and self._inbuf.size():
@@ -417,6 +423,22 @@ class ClientConnection(asyncio.Protocol):
 
     # --- authentication and the backend ------------------------------------------------
 
+    def send(self, data: bytes) -> None:
+        """Exchange.send: an authentication request to the client."""
+        self._send(data)
+
+    async def receive(self) -> tuple[int, bytes]:
+        """Exchange.receive: the client's next message during authentication."""
+        while True:
+            try:
+                msg = self._inbuf.take_message(MAX_AUTH_TOKEN_LENGTH)
+            except ProtocolViolation as exc:
+                raise AuthFailed("08P01", str(exc)) from None
+            if msg is not None:
+                return msg
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
     async def _authenticate_and_connect(self, info: ClientInfo, params: list[tuple[str, str]]) -> None:
         frontend = self._frontend
         try:
@@ -425,10 +447,22 @@ class ClientConnection(asyncio.Protocol):
             if frontend.hba.needs_hostname and info.address is not None:
                 hostname = await asyncio.get_running_loop().run_in_executor(
                     None, resolve_client_hostname, info.address)
-            authorize(frontend.hba, frontend.ident, info, roles, hostname)
+            line = authorize(frontend.hba, frontend.ident, info, roles, hostname)
+            if line.method in PASSWORD_METHODS:
+                await authenticate_password(line, info, self, await frontend.catalog.credentials(info.user),
+                                            frontend.tls.server_end_point if info.ssl else None,
+                                            frontend.password_encryption)
             backend, leftover = await open_backend(frontend.backend_socket, params)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
+            return
+        except ClientGone:
+            self._close()
+            return
+        except CatalogError as exc:
+            log_catalog_failure(exc)
+            self._refuse(Refused("57P03", "the database system is not accepting connections",
+                                 "pgfast could not read PostgreSQL's catalogs; the server log says why."))
             return
         except BackendRefused as refusal:
             # PostgreSQL logged it already; the client gets its exact words

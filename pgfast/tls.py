@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
 
 from pgfast.config import Settings
@@ -71,9 +72,10 @@ _verify_failure_details: weakref.WeakKeyDictionary[SSL.Connection, str] = weakre
 class ServerTLS:
     """A checked server context; one Connection per client, over memory BIOs."""
 
-    def __init__(self, context: SSL.Context, requests_client_cert: bool):
+    def __init__(self, context: SSL.Context, requests_client_cert: bool, certificate: x509.Certificate):
         self.context = context
         self.requests_client_cert = requests_client_cert   # a CA file is in force
+        self.server_end_point = server_end_point_hash(certificate)
 
     def new_connection(self) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)
@@ -105,7 +107,20 @@ def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool) -> Se
     if settings.ssl_crl_file or settings.ssl_crl_dir:
         _load_crls(ctx, settings.ssl_crl_file, settings.ssl_crl_dir, shown)
     _lib.SSL_CTX_set_alpn_select_cb(ctx._context, _select_postgresql_alpn, _ffi.NULL)
-    return ServerTLS(ctx, bool(settings.ssl_ca_file))
+    with open(settings.ssl_cert_file, "rb") as f:
+        certificate = x509.load_pem_x509_certificates(f.read())[0]
+    return ServerTLS(ctx, bool(settings.ssl_ca_file), certificate)
+
+
+def server_end_point_hash(certificate: x509.Certificate) -> bytes:
+    """SCRAM channel binding data, tls-server-end-point (RFC 5929): the server certificate
+    hashed with its signature's hash, SHA-256 standing in for MD5 and SHA-1."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or algorithm.name in ("md5", "sha1"):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()
 
 
 def verify_failure(conn: SSL.Connection) -> tuple[str, str] | None:
