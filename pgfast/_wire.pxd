@@ -37,13 +37,18 @@ cdef class MessageScanner:
 
     The relay hands every chunk through scan(); the scanner only reads headers, so
     the pool knows whether a backend is between messages and what the last
-    ReadyForQuery said, at the cost of a few compares per message.
+    ReadyForQuery said, at the cost of a few compares per message. A session is
+    idle when every request the client sent (Query, Sync, FunctionCall) has had its
+    ReadyForQuery back.
     """
+    cdef bint _from_client          # type bytes mean different things in each direction
     cdef Py_ssize_t _remaining      # payload bytes of the current message still to come
     cdef unsigned char _header[5]
     cdef int _header_len
     cdef readonly int last_type     # type byte of the last message whose header completed
     cdef readonly int tx_status     # 'I', 'T' or 'E' from the last ReadyForQuery, 0 before one
+    cdef readonly long long requests  # client stream: Query, Sync and FunctionCall messages seen
+    cdef readonly long long readies   # backend stream: ReadyForQuery messages seen
 
     cpdef Py_ssize_t scan(self, bytes data) except -2
     cdef void _on_header(self) noexcept

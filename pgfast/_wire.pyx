@@ -107,15 +107,24 @@ def parse_startup_parameters(bytes body):
 
 cdef class MessageScanner:
 
-    def __cinit__(self):
+    def __cinit__(self, bint from_client=False):
+        self._from_client = from_client
         self._remaining = 0
         self._header_len = 0
         self.last_type = 0
         self.tx_status = 0
+        self.requests = 0
+        self.readies = 0
 
     cdef void _on_header(self) noexcept:
-        self.last_type = self._header[0]
+        cdef int t = self._header[0]
+        self.last_type = t
         self._remaining = <Py_ssize_t>_be32(self._header + 1) - 4
+        if self._from_client:
+            if t == b'Q' or t == b'S' or t == b'F':
+                self.requests += 1
+        elif t == b'Z':
+            self.readies += 1
 
     cpdef Py_ssize_t scan(self, bytes data) except -2:
         """Follow the messages in data; the offset of a Terminate ('X') or -1.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import scramp
+from scramp.core import ServerError
 
 from . import log, messages
 from .catalog import Credentials
@@ -54,11 +55,12 @@ class ClientInfo:
 
 
 class AuthFailed(Exception):
-    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None):
+    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None, detail: str | None = None):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
-        self.log_detail = log_detail
+        self.log_detail = log_detail    # for the server log only (PostgreSQL's errdetail_log)
+        self.detail = detail            # for the client and the log (errdetail)
 
 
 def no_hba_entry(info: ClientInfo) -> AuthFailed:
@@ -144,7 +146,12 @@ def _request(code: int, data: bytes = b"") -> bytes:
 
 
 def _malformed(detail: str) -> AuthFailed:
-    return AuthFailed("08P01", "malformed SCRAM message", detail)
+    return AuthFailed("08P01", "malformed SCRAM message", detail=detail)
+
+
+def _sanitize_char(c: str) -> str:
+    """PostgreSQL's sanitize_char: 'x' for a printable character, else 0xNN."""
+    return f"'{c}'" if c and " " <= c <= "~" else f"0x{ord(c) if c else 0:02x}"
 
 
 async def _password_message(exchange: Exchange, kind: str) -> bytes:
@@ -162,8 +169,8 @@ def _secret_problem(user: str, credentials: Credentials | None) -> str | None:
         return f'User "{user}" has no password assigned.'
     if credentials.expired:
         return f'User "{user}" has an expired password.'
-    if not credentials.can_login:
-        return f'Role "{user}" is not permitted to log in.'
+    # NOLOGIN is not checked here: PostgreSQL lets such a role through authentication and
+    # its backend refuses it (role "x" is not permitted to log in, 28000), as it does here
     return None
 
 
@@ -212,49 +219,79 @@ async def _password_text(exchange: Exchange) -> str:
     if payload.find(b"\0") != len(payload) - 1:
         raise AuthFailed("08P01", "invalid password packet size")
     if len(payload) == 1:
-        log.log("empty password returned by client")
-        raise ClientGone()
+        raise AuthFailed("28P01", "empty password returned by client")
     return payload[:-1].decode("utf-8", "surrogateescape")
 
 
-def _initial_response(payload: bytes) -> tuple[str, bytes]:
-    """SASLInitialResponse: mechanism name, then an int32 length and that many bytes."""
+def _initial_mechanism(payload: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse's mechanism name, and what follows it."""
     end = payload.find(b"\0")
-    if end < 0 or len(payload) < end + 5:
-        raise AuthFailed("08P01", "malformed SASL message")
-    (length,) = struct.unpack_from("!i", payload, end + 1)
-    data = payload[end + 5:]
-    if length != len(data):
-        raise AuthFailed("08P01", "malformed SASL message")
-    return payload[:end].decode("ascii", "replace"), data
+    if end < 0:
+        raise AuthFailed("08P01", "invalid string in message")
+    return payload[:end].decode("utf-8", "replace"), payload[end + 1:]
+
+
+def _initial_data(rest: bytes) -> bytes | None:
+    """Then an int32 length and that many bytes (-1: no initial response), with
+    PostgreSQL's pq_getmsgint / pq_getmsgbytes / pq_getmsgend errors."""
+    if len(rest) < 4:
+        raise AuthFailed("08P01", "insufficient data left in message")
+    (length,) = struct.unpack_from("!i", rest)
+    if length == -1:
+        data = None
+    elif length < 0 or length > len(rest) - 4:
+        raise AuthFailed("08P01", "insufficient data left in message")
+    else:
+        data = rest[4:4 + length]
+    if 4 + max(length, 0) != len(rest):
+        raise AuthFailed("08P01", "invalid message format")
+    return data
+
+
+def _check_scram_input(data: bytes) -> None:
+    """PostgreSQL's scram_exchange checks on every SCRAM message."""
+    if not data:
+        raise _malformed("The message is empty.")
+    if b"\0" in data:
+        raise _malformed("Message length does not match input length.")
 
 
 def _check_channel_binding_flag(mechanism: str, client_first: str, binding_offered: bool) -> None:
     """PostgreSQL's read_client_first_message rules for the gs2 flag, with its messages."""
     flag = client_first[:1]
-    if flag == "y" and binding_offered:
-        raise AuthFailed("08P01", "SCRAM channel binding negotiation error",
-                         "The client supports SCRAM channel binding but thinks the server does not.  "
-                         "However, this server does support channel binding.")
-    if flag == "p" and mechanism != SCRAM_PLUS:
-        raise _malformed("The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message "
-                         "includes channel binding data.")
     if flag in ("n", "y") and mechanism == SCRAM_PLUS:
         raise _malformed("The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include "
                          "channel binding data.")
+    if flag == "y" and binding_offered and client_first[1:2] == ",":
+        raise AuthFailed("28000", "SCRAM channel binding negotiation error",
+                         detail="The client supports SCRAM channel binding but thinks the server does not.  "
+                                "However, this server does support channel binding.")
+    if flag == "p" and mechanism != SCRAM_PLUS:
+        raise _malformed("The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message "
+                         "includes channel binding data.")
     if flag == "p" and not client_first.startswith("p=tls-server-end-point,"):
         cb_type = client_first[2:].split(",", 1)[0]
         raise AuthFailed("08P01", f'unsupported SCRAM channel-binding type "{cb_type}"')
     if flag not in ("n", "y", "p"):
-        raise _malformed(f'Unexpected channel-binding flag "{flag}".')
+        raise _malformed(f'Unexpected channel-binding flag "{_sanitize_char(flag)}".')
+    _, _, rest = client_first.partition(",")
+    if rest.startswith("a"):
+        raise AuthFailed("0A000", "client uses authorization identity, but it is not supported")
+    if rest.partition(",")[2].startswith("m"):
+        raise AuthFailed("0A000", "client requires an unsupported SCRAM extension")
 
 
 async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | None) -> bool:
     mechanisms = [SCRAM_PLUS, SCRAM] if channel_binding is not None else [SCRAM]
     exchange.send(_request(_AUTH_SASL, b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0"))
-    mechanism, initial = _initial_response(await _password_message(exchange, "SASL"))
+    mechanism, rest = _initial_mechanism(await _password_message(exchange, "SASL"))
     if mechanism not in mechanisms:
         raise AuthFailed("08P01", "client selected an invalid SASL authentication mechanism")
+    initial = _initial_data(rest)
+    if initial is None:     # no initial response: an empty challenge asks for it
+        exchange.send(_request(_AUTH_SASL_CONTINUE))
+        initial = await _password_message(exchange, "SASL")
+    _check_scram_input(initial)
     try:
         client_first = initial.decode("utf-8")
         _check_channel_binding_flag(mechanism, client_first, channel_binding is not None)
@@ -264,10 +301,24 @@ async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | N
         raise _malformed(str(exc)) from None
     exchange.send(_request(_AUTH_SASL_CONTINUE, server_first.encode()))
     client_final = await _password_message(exchange, "SASL")
+    _check_scram_input(client_final)
     try:
         accepted, server_final = server.final(client_final.decode("utf-8"))
-    except (UnicodeDecodeError, scramp.ScramException) as exc:
+    except scramp.ScramException as exc:
+        raise _final_failure(exc, client_final, server.nonce) from None
+    except UnicodeDecodeError as exc:
         raise _malformed(str(exc)) from None
     if accepted:
         exchange.send(_request(_AUTH_SASL_FINAL, server_final.encode()))
     return accepted
+
+
+def _final_failure(exc: scramp.ScramException, client_final: bytes, nonce: str) -> AuthFailed:
+    """PostgreSQL's errors for a client-final-message that is not a wrong password."""
+    if exc.server_error == ServerError.CHANNEL_BINDINGS_DONT_MATCH:
+        return AuthFailed("28000", "SCRAM channel binding check failed")
+    attributes = [part.split(b"=", 1) for part in client_final.split(b",")]
+    sent_nonce = next((kv[1] for kv in attributes if len(kv) == 2 and kv[0] == b"r"), None)
+    if sent_nonce is not None and sent_nonce != nonce.encode():
+        return AuthFailed("08P01", "invalid SCRAM response", detail="Nonce does not match.")
+    return _malformed(str(exc))

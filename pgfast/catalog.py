@@ -70,8 +70,8 @@ def _data_row(payload: bytes) -> tuple[str | None, ...]:
     return tuple(values)
 
 
-class _AdminSession:
-    """Stands where a client would, on the backend session pgfast queries through."""
+class _AdminSession(asyncio.Protocol):
+    """The protocol of the backend session pgfast queries through."""
 
     def __init__(self, backend: BackendConnection):
         self.backend = backend
@@ -80,18 +80,18 @@ class _AdminSession:
         self._rows: list[tuple[str | None, ...]] = []
         self._error: dict[str, str] | None = None
         self._done: asyncio.Future | None = None
-        backend.peer = self
+        backend.attach(self)
 
     async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
         self._rows, self._error = [], None
         self._done = asyncio.get_running_loop().create_future()
-        self.backend.write(_extended_query(sql, params))
+        self.backend.transport.write(_extended_query(sql, params))
         await self._done
         if self._error:
             raise CatalogError(self._error.get("M", "catalog query failed"))
         return self._rows
 
-    def backend_data(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         self._buffer.feed_data(data)
         while True:
             msg = self._buffer.take_message(_RESULT_LIMIT)
@@ -105,19 +105,15 @@ class _AdminSession:
             elif msg_type == ord("Z") and self._done is not None and not self._done.done():
                 self._done.set_result(None)
 
-    def backend_lost(self) -> None:
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
         self.lost = True
         if self._done is not None and not self._done.done():
             self._done.set_exception(CatalogError("PostgreSQL closed pgfast's catalog session"))
 
-    def pause_client_reading(self) -> None:
-        pass
-
-    def resume_client_reading(self) -> None:
-        pass
-
     def close(self) -> None:
-        self.backend.write(messages.message(b"X", b""))
         self.backend.close()
 
 

@@ -296,6 +296,12 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.postgres_bin": (_string, None),  # None: pgfast finds postgres itself
     # the role pgfast reads catalogs as; None: the account running PostgreSQL (initdb's default)
     "pgfast.admin_user": (_string, None),
+    # session pooling (pool.py): 'session' keeps backends for the next client, 'none' does not
+    "pgfast.pool_mode": (_enum("session", "none"), "session"),
+    "pgfast.pool_size": (_integer(0, 100000), 20),             # idle backends kept per startup packet
+    "pgfast.pool_idle_timeout": (_integer(1, 86400, seconds=True), 600),
+    "pgfast.pool_lifetime": (_integer(1, 864000, seconds=True), 3600),
+    "pgfast.server_reset_query": (_string, "DISCARD ALL"),
 }
 
 # PostgreSQL 15 settings that --describe-config leaves out (GUC_NO_SHOW_ALL, GUC_NOT_IN_SAMPLE,

@@ -7,6 +7,7 @@ import struct
 from ._wire import pack_int32
 
 AUTHENTICATION_OK = b"R" + pack_int32(8) + pack_int32(0)
+READY_IDLE = b"Z" + pack_int32(5) + b"I"
 SSL_ACCEPT = b"S"
 SSL_REFUSE = b"N"
 
@@ -29,6 +30,10 @@ def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: s
 def error(sqlstate: str, text: str, detail: str | None = None, hint: str | None = None,
           severity: str = "FATAL") -> bytes:
     return message(b"E", _fields(severity, sqlstate, text, detail, hint))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", name.encode("utf-8", "surrogateescape") + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0")
 
 
 def backend_key_data(pid: int, key: int) -> bytes:

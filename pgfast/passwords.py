@@ -111,6 +111,11 @@ class ScramServer:
         self._server.client_first_bare = bare
         return self._server.get_server_first()
 
+    @property
+    def nonce(self) -> str:
+        """The combined nonce (client's then server's) a client-final-message must repeat."""
+        return str(self._server.nonce)
+
     def final(self, client_final: str) -> tuple[bool, str]:
         """(proof accepted, server-final message); a malformed message raises ScramException."""
         try:

@@ -19,6 +19,7 @@ from .auth import SUPPORTED_METHODS
 from .catalog import Catalog
 from .errors import StartupError
 from .hba import load_hba, load_ident
+from .pool import Pool
 from .postmaster import Postmaster, live_postmaster_pid
 from .server import Frontend
 from .tls import load_server_tls
@@ -82,7 +83,8 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         postmaster.start()
         admin = settings.pgfast.get("pgfast.admin_user") or account.name
         catalog = Catalog(postmaster.socket_path, admin)
-        return _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_sockets)
+        pool = _pool(settings, postmaster.socket_path)
+        return _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, unix_sockets)
     finally:
         postmaster.stop()
         for _sock, path in unix_sockets:
@@ -96,7 +98,16 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
-def _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_sockets) -> int:
+def _pool(settings: config.Settings, socket_path: str) -> Pool:
+    option = settings.pgfast.get
+    return Pool(socket_path, mode=option("pgfast.pool_mode"), size=option("pgfast.pool_size"),
+                idle_timeout=option("pgfast.pool_idle_timeout"), lifetime=option("pgfast.pool_lifetime"),
+                reset_query=option("pgfast.server_reset_query"),
+                # PostgreSQL's own limit; its superuser_reserved_connections keep room for the catalog session
+                max_backends=settings.max_connections)
+
+
+def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, unix_sockets) -> int:
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = loop.create_future()
@@ -113,11 +124,12 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, tcp_sockets, unix_soc
     _watch_postmaster(loop, postmaster, request_stop)
 
     async def main() -> int:
-        frontend = Frontend(settings, hba, ident, tls, postmaster.socket_path, catalog)
+        frontend = Frontend(settings, hba, ident, tls, postmaster.socket_path, catalog, pool)
         await frontend.serve(tcp_sockets, unix_sockets)
         log.log("database system is ready to accept connections")
         status = await stopping
         await frontend.shutdown()
+        pool.close()
         catalog.close()
         return status
 

@@ -8,7 +8,9 @@ A connection moves through explicit states, changed only in _set_state():
 NEGOTIATING reads startup packets the way PostgreSQL's ProcessStartupPacket does
 (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage); HANDSHAKE runs through
 pyOpenSSL so its callbacks (client-certificate verification, ALPN) behave normally;
-from then on the Cython pump does the TLS work.
+from then on the Cython pump does the TLS work. In RELAYING, the Cython relay
+(pgfast._relay) is the protocol of both transports and calls back here only when a
+side ends.
 """
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ import struct
 from OpenSSL import SSL
 
 from . import _openssl, log, messages
+from ._relay import Relay
 from ._wire import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
                     ProtocolViolation, ReadBuffer, TLSError, parse_startup_parameters)
 from .auth import (MAX_AUTH_TOKEN_LENGTH, PASSWORD_METHODS, AuthFailed, ClientGone, ClientInfo,
                    authenticate_password, authorize)
-from .backend import BackendRefused, open_backend, send_cancel
+from .backend import BackendConnection, BackendRefused, send_cancel
 from .catalog import Catalog, CatalogError, log_catalog_failure
 from .config import Settings
 from .hba import HbaRules, IdentMap, resolve_client_hostname
+from .pool import Pool
 from .tls import ServerTLS, alpn_protocol, peer_certificate_cn, verify_failure
 
 # Flow control between the two sides of a relay: stop reading one side while the
-# other side's kernel buffer and transport queue hold more than this.
+# other side's transport queue holds more than this.
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 # Before authentication a client may only send small things.
@@ -93,13 +97,14 @@ class Frontend:
     where PostgreSQL listens, and the cancel keys handed out."""
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
-                 backend_socket: str, catalog: Catalog):
+                 backend_socket: str, catalog: Catalog, pool: Pool):
         self.settings = settings
         self.hba = hba
         self.ident = ident
         self.tls = tls
         self.backend_socket = backend_socket
         self.catalog = catalog
+        self.pool = pool
         # what an unknown role's password is checked as (PostgreSQL: password_encryption)
         self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
         self.clients: set[ClientConnection] = set()
@@ -164,8 +169,8 @@ class ClientConnection(asyncio.Protocol):
         self._ssl_done = False
         self._started = False                         # a StartupMessage has been read
         self._timeout: asyncio.TimerHandle | None = None
-        self._backend = None
-        self._backend_pid = 0
+        self._backend: BackendConnection | None = None
+        self._relay: Relay | None = None
         self._task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None     # authentication waits here for the client
 
@@ -195,15 +200,6 @@ class ClientConnection(asyncio.Protocol):
                 log.log(f"could not receive data from client: {exc}")
                 self._close()
                 return
-            if self._state == State.RELAYING:
-                if data:
-                    self._backend.write(data)
-                if self._pump.peer_closed:
-                    self._close()
-                return
-        elif self._state == State.RELAYING:
-            self._backend.write(data)
-            return
         elif self._state == State.HANDSHAKE:
             self._do_handshake(data)
             return
@@ -225,14 +221,6 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._release()
 
-    def pause_writing(self) -> None:
-        if self._backend is not None:
-            self._backend.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._backend is not None:
-            self._backend.transport.resume_reading()
-
     # --- sending and closing -----------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
@@ -240,15 +228,16 @@ class ClientConnection(asyncio.Protocol):
             data = self._pump.encrypt(data)
         self.transport.write(data)
 
-    def _close(self) -> None:
+    def _close(self, backend_idle: bool = False) -> None:
         if self._state == State.CLOSED:
             return
         if self._pump is not None:
             self.transport.write(self._pump.close_notify())
         self.transport.close()
-        self._release()
+        self._release(backend_idle)
 
-    def _release(self) -> None:
+    def _release(self, backend_idle: bool = False) -> None:
+        """Everything the connection holds goes; backend_idle lets the pool keep the backend."""
         if self._state == State.CLOSED:
             return
         if self._started:
@@ -260,10 +249,11 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         if self._backend is not None:
-            self._frontend.forget_cancel_key(self._backend_pid)
-            self._backend.peer = None
-            self._backend.close()
-            self._backend = None
+            backend, self._backend, self._relay = self._backend, None, None
+            self._frontend.forget_cancel_key(backend.pid)
+            if not backend.closed:
+                backend.detach()
+            self._frontend.pool.release(backend, backend_idle)
 
     def _refuse(self, refusal: Refused | AuthFailed, detail_for_log: str | None = None) -> None:
         """FATAL to the client and to the server log (PostgreSQL logs what it sends)."""
@@ -280,7 +270,10 @@ class ClientConnection(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timeout = None
         if self._state == State.AUTHENTICATING:
-            self._refuse(Refused("57014", "canceling authentication due to timeout"))
+            # PostgreSQL logs this FATAL but does not write to a client still
+            # authenticating: the connection just closes
+            log.fatal("canceling authentication due to timeout")
+            self._close()
         elif self._state in (State.NEGOTIATING, State.HANDSHAKE):
             # PostgreSQL's startup-packet timeout ends the connection without a word
             self._close()
@@ -452,7 +445,7 @@ class ClientConnection(asyncio.Protocol):
                 await authenticate_password(line, info, self, await frontend.catalog.credentials(info.user),
                                             frontend.tls.server_end_point if info.ssl else None,
                                             frontend.password_encryption)
-            backend, leftover = await open_backend(frontend.backend_socket, params)
+            backend, leftover = await frontend.pool.acquire(params, poolable=not info.replication)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
             return
@@ -473,44 +466,54 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(Refused("57P03", "the database system is not accepting connections",
                                  f"pgfast could not reach PostgreSQL: {exc}"))
             return
+        except Exception as exc:    # a bug must not leave the client waiting for authentication_timeout
+            log.log(f"pgfast: unexpected error while authenticating: {exc!r}")
+            self._close()
+            return
         if self._state == State.CLOSED:
-            backend.close()
+            self._frontend.pool.release(backend, idle=not leftover)
             return
         self._on_backend_ready(backend, leftover)
 
-    def _on_backend_ready(self, backend, leftover: bytes) -> None:
+    def _on_backend_ready(self, backend: BackendConnection, leftover: bytes) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
         self._task = None
         self._backend = backend
-        self._backend_pid = backend.pid
-        backend.peer = self
         client_key = self._frontend.register_cancel_key(backend.pid, backend.secret_key)
-        status_messages, ready = backend.greeting[:-1], backend.greeting[-1]
+        notices, backend.notices = backend.notices, []
         self._set_state(State.RELAYING)
-        self._send(b"".join([messages.AUTHENTICATION_OK, *status_messages,
-                             messages.backend_key_data(backend.pid, client_key), ready, leftover]))
+        self._send(b"".join([messages.AUTHENTICATION_OK, *notices,
+                             *(messages.parameter_status(k, v) for k, v in backend.parameters.items()),
+                             messages.backend_key_data(backend.pid, client_key), messages.READY_IDLE]))
+        self._relay = Relay(self, self.transport, backend.transport, self._pump)
+        self.transport.set_protocol(self._relay.client_protocol())
+        backend.attach(self._relay.backend_protocol())
+        if leftover:
+            self._relay.from_backend(leftover)
         pending = self._inbuf.take_all()
         if pending:
-            backend.write(pending)
+            self._relay.forward_client(pending)
 
-    # --- called by the backend side of the relay ---------------------------------------
+    # --- called by the relay ------------------------------------------------------------
 
-    def backend_data(self, data: bytes) -> None:
-        if self._pump is not None:
-            self.transport.write(self._pump.encrypt(data))
-        else:
-            self.transport.write(data)
+    def client_finished(self) -> None:
+        """Terminate, or TLS close_notify: the client is done with its session."""
+        idle = self._relay.backend_idle()
+        self._close(backend_idle=idle)
 
-    def backend_lost(self) -> None:
-        self._backend = None
+    def client_lost(self) -> None:
+        self._release(backend_idle=self._relay is not None and self._relay.backend_idle())
+
+    def client_failed(self, exc: Exception) -> None:
+        log.log(f"could not receive data from client: {exc}")
         self._close()
 
-    def pause_client_reading(self) -> None:
-        if self._state != State.CLOSED:
-            self.transport.pause_reading()
+    def backend_lost(self) -> None:
+        self._close()
 
-    def resume_client_reading(self) -> None:
-        if self._state != State.CLOSED:
-            self.transport.resume_reading()
+    def backend_failed(self, exc: Exception) -> None:
+        log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
+        self._backend.close()
+        self._close()

@@ -329,8 +329,11 @@ def test_invalid_custom_names_from_c(tmp_path, name):
     assert e.detail == "Custom parameter names must be two or more simple identifiers separated by dots."
 
 
+PGFAST_DEFAULTS = {name: default for name, (_, default) in config.PGFAST_SETTINGS.items()}
+
+
 def test_pgfast_settings(tmp_path):
-    assert load_conf(tmp_path, "").pgfast == {"pgfast.postgres_bin": None, "pgfast.admin_user": None}
+    assert load_conf(tmp_path, "").pgfast == PGFAST_DEFAULTS
     s = load_conf(tmp_path, "PGFAST.Postgres_Bin = '/opt/pg/bin/postgres'\n")
     assert s.pgfast["pgfast.postgres_bin"] == "/opt/pg/bin/postgres"
     s = load_conf(tmp_path, "pgfast.postgres_bin = '/a'\n", [("pgfast.postgres_bin", "/b")])
@@ -487,7 +490,7 @@ def test_defaults(tmp_path):
         ssl_max_protocol_version="", ssl_ecdh_curve=None, ssl_prefer_server_ciphers=True,
         ssl_passphrase_command="", ssl_passphrase_command_supports_reload=False,
         hba_file=f"{d}/pg_hba.conf", ident_file=f"{d}/pg_ident.conf", authentication_timeout=60.0,
-        pgfast={"pgfast.postgres_bin": None, "pgfast.admin_user": None}, passthrough=(), raw={})
+        pgfast=PGFAST_DEFAULTS, passthrough=(), raw={})
 
 
 def test_socket_directory_default_comes_from_known(tmp_path):

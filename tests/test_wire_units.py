@@ -319,6 +319,31 @@ def test_scanner_tracks_ready_for_query(impl):
     assert scanner_state(scanner) == (ord("Z"), ord("T"), True)
 
 
+CLIENT_STREAM = (message(b"Q", b"select 1\0") + message(b"P", b"\0select 1\0\0\0") + message(b"B", b"\0" * 8)
+                 + message(b"E", b"\0\0\0\0\0") + message(b"S", b"") + message(b"F", b"\0" * 10)
+                 + message(b"d", b"copy data") + message(b"c", b""))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_scanner_counts_requests_and_readies(impl):
+    client, backend = impl.MessageScanner(from_client=True), impl.MessageScanner()
+    assert client.scan(CLIENT_STREAM) == -1
+    assert (client.requests, client.readies) == (3, 0)      # Q, S, F; not P/B/E/d/c
+    assert backend.scan(BACKEND_STREAM) == -1
+    assert (backend.requests, backend.readies) == (0, 3)   # the backend's 'S' is ParameterStatus
+    assert backend.scan(message(b"S", b"a\0b\0")) == -1 and backend.requests == 0
+
+
+def test_scanner_counts_agree_at_every_split():
+    for stream, from_client in ((CLIENT_STREAM, True), (BACKEND_STREAM, False)):
+        for cut in range(len(stream) + 1):
+            scanners = _wire.MessageScanner(from_client), ref.MessageScanner(from_client)
+            for scanner in scanners:
+                scanner.scan(stream[:cut])
+                scanner.scan(stream[cut:])
+            assert [(s.requests, s.readies) for s in scanners][0] == [(s.requests, s.readies) for s in scanners][1]
+
+
 def test_scanner_split_at_every_byte():
     for cut in range(len(BACKEND_STREAM) + 1):
         result, state = scan_both([BACKEND_STREAM[:cut], BACKEND_STREAM[cut:]])

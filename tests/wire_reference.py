@@ -136,11 +136,14 @@ def parse_startup_parameters(body: bytes) -> list[tuple[str, str]]:
 class MessageScanner:
     """Follows message boundaries in a relayed stream (type byte, length word, payload)."""
 
-    def __init__(self):
+    def __init__(self, from_client: bool = False):
+        self._from_client = from_client
         self._header = b""          # the part of a message header received so far
         self._remaining = 0         # payload bytes of the current message still to come
         self.last_type = 0          # type byte of the last message whose header completed
         self.tx_status = 0          # the last byte of the last ReadyForQuery ('I', 'T', 'E')
+        self.requests = 0           # client stream: Query, Sync and FunctionCall messages
+        self.readies = 0            # backend stream: ReadyForQuery messages
 
     def scan(self, data: bytes) -> int:
         """Follow the messages in data; the offset of a Terminate ('X') starting a message, or -1.
@@ -164,6 +167,10 @@ class MessageScanner:
                     self.last_type = self._header[0]
                     self._remaining = _int32(self._header[1:]) - 4
                     self._header = b""
+                    if self._from_client and self.last_type in b"QSF":
+                        self.requests += 1
+                    elif not self._from_client and self.last_type == ord("Z"):
+                        self.readies += 1
                     if self._remaining < 0:
                         raise ProtocolViolation("invalid message length")
         return -1

@@ -1,0 +1,118 @@
+# cython: language_level=3
+"""The relay between a client and a backend (see _relay.pxd)."""
+
+from pgfast._wire import ProtocolViolation, TLSError
+
+
+cdef class Relay:
+
+    def __cinit__(self, session, client_transport, backend_transport, TLSPump pump=None):
+        self._session = session
+        self._client_transport = client_transport
+        self._backend_transport = backend_transport
+        self._client_write = client_transport.write
+        self._backend_write = backend_transport.write
+        self._pump = pump
+        self.client_stream = MessageScanner(True)
+        self.backend_stream = MessageScanner(False)
+
+    cpdef from_client(self, bytes data):
+        if self._pump is not None:
+            try:
+                data = self._pump.decrypt(data)
+            except TLSError as exc:
+                self._session.client_failed(exc)
+                return
+        if data:
+            self.forward_client(data)
+        if self._pump is not None and self._pump.peer_closed and not self.client_done:
+            self._finish()
+
+    cpdef forward_client(self, bytes data):
+        """Plaintext from the client to the backend, less any Terminate."""
+        cdef Py_ssize_t cut
+        if self.client_done:
+            return
+        try:
+            cut = self.client_stream.scan(data)
+        except ProtocolViolation as exc:
+            self._session.client_failed(exc)
+            return
+        if cut < 0:
+            self._backend_write(data)
+            return
+        # a pooled backend outlives the client: its Terminate stays here
+        if cut:
+            self._backend_write(data[:cut])
+        self._finish()
+
+    cdef _finish(self):
+        self.client_done = True
+        self._session.client_finished()
+
+    cpdef from_backend(self, bytes data):
+        try:
+            self.backend_stream.scan(data)
+        except ProtocolViolation as exc:
+            self._session.backend_failed(exc)
+            return
+        if self._pump is not None:
+            data = self._pump.encrypt(data)
+        self._client_write(data)
+
+    cpdef bint backend_idle(self):
+        """Every request answered, no transaction open, nothing half-sent: the backend
+        can serve another client after a reset."""
+        return (self.client_stream.requests == self.backend_stream.readies
+                and self.backend_stream.tx_status == b'I'
+                and self.client_stream.at_boundary and self.backend_stream.at_boundary)
+
+    def client_protocol(self):
+        return ClientSide(self)
+
+    def backend_protocol(self):
+        return BackendSide(self)
+
+
+cdef class ClientSide:
+    """asyncio protocol of the client transport while relaying."""
+
+    def __cinit__(self, Relay relay):
+        self._relay = relay
+
+    def data_received(self, bytes data):
+        self._relay.from_client(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self._relay._session.client_lost()
+
+    def pause_writing(self):
+        self._relay._backend_transport.pause_reading()
+
+    def resume_writing(self):
+        self._relay._backend_transport.resume_reading()
+
+
+cdef class BackendSide:
+    """asyncio protocol of the backend transport while relaying."""
+
+    def __cinit__(self, Relay relay):
+        self._relay = relay
+
+    def data_received(self, bytes data):
+        self._relay.from_backend(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self._relay._session.backend_lost()
+
+    def pause_writing(self):
+        self._relay._client_transport.pause_reading()
+
+    def resume_writing(self):
+        self._relay._client_transport.resume_reading()

@@ -1,0 +1,136 @@
+"""Session pooling: backends kept after their client leaves and handed to the next
+client that starts a session with the same parameters.
+
+A backend goes back to the pool only when its client left it idle (every request
+answered, no transaction open); it is then reset with pgfast.server_reset_query
+(DISCARD ALL by default), which returns every setting to the session defaults the
+startup packet gave. The pool key is the whole startup packet, so a reused backend
+has exactly the session defaults a fresh one would have had, and the client is
+greeted with the same ParameterStatus values PostgreSQL would send it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+from . import log
+from .backend import BackendConnection, open_backend
+
+_SWEEP_SECONDS = 5.0
+
+
+class Pool:
+    def __init__(self, socket_path: str, *, mode: str, size: int, idle_timeout: float, lifetime: float,
+                 reset_query: str, max_backends: int):
+        self._socket_path = socket_path
+        self.enabled = mode == "session"
+        self._size = size
+        self._idle_timeout = idle_timeout
+        self._lifetime = lifetime
+        self._reset_query = reset_query
+        self._max_backends = max_backends
+        self._idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
+        self._idle_count = 0
+        self.busy = 0                   # backends serving clients, resetting or starting
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def key(params: list[tuple[str, str]]) -> tuple:
+        return tuple(sorted(params))
+
+    async def acquire(self, params: list[tuple[str, str]], poolable: bool) -> tuple[BackendConnection, bytes]:
+        """A backend for this startup packet (reused if one is idle) and any bytes it
+        sent after its first ReadyForQuery. Raises what open_backend raises."""
+        key = self.key(params)
+        if poolable and self.enabled:
+            backend = self._take_idle(key)
+            if backend is not None:
+                self.busy += 1
+                return backend, b""
+        if self.busy + self._idle_count >= self._max_backends:
+            self._close_oldest_idle()
+        self.busy += 1
+        try:
+            backend, leftover = await open_backend(self._socket_path, params)
+        except BaseException:
+            self.busy -= 1
+            raise
+        backend.pool_key = key if poolable and self.enabled else None
+        return backend, leftover
+
+    def _take_idle(self, key: tuple) -> BackendConnection | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            backend = idle.pop()
+            self._idle_count -= 1
+            if not backend.closed and now - backend.created < self._lifetime:
+                return backend
+            backend.close()
+        return None
+
+    def release(self, backend: BackendConnection, idle: bool) -> None:
+        """The client is done with the backend; idle says it left no work in flight."""
+        if not idle or backend.pool_key is None or backend.closed or \
+                time.monotonic() - backend.created >= self._lifetime:
+            self.busy -= 1
+            backend.close()
+            return
+        asyncio.get_running_loop().create_task(self._reset_and_park(backend))
+
+    async def _reset_and_park(self, backend: BackendConnection) -> None:
+        try:
+            await backend.reset(self._reset_query)
+        except Exception as exc:
+            log.log(f"pgfast closed a pooled backend (PID {backend.pid}) whose reset failed: {exc}")
+            backend.close()
+            return
+        finally:
+            self.busy -= 1
+        idle = self._idle[backend.pool_key]
+        if len(idle) >= self._size or backend.closed:
+            backend.close()
+            return
+        backend.idle_since = time.monotonic()
+        idle.append(backend)
+        self._idle_count += 1
+        self._schedule_sweep()
+
+    def _close_oldest_idle(self) -> None:
+        oldest = min((b for idle in self._idle.values() for b in idle), key=lambda b: b.idle_since, default=None)
+        if oldest is not None:
+            self._idle[oldest.pool_key].remove(oldest)
+            self._idle_count -= 1
+            oldest.close()
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            keep = [b for b in idle if not b.closed and now - b.idle_since < self._idle_timeout
+                    and now - b.created < self._lifetime]
+            for backend in idle:
+                if backend not in keep:
+                    backend.close()
+            self._idle_count -= len(idle) - len(keep)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle_count:
+            self._schedule_sweep()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle.values():
+            for backend in idle:
+                backend.close()
+        self._idle.clear()
+        self._idle_count = 0
