@@ -390,7 +390,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             self._release()
             return
-        self._flush_handshake_output()
+        if not done or tls.get_protocol_version_name() != "TLSv1.3":
+            self._flush_handshake_output()
+        # TLS 1.3 leaves only session tickets to send once the client's Finished is in;
+        # the pump drains them with the first reply, saving a write per connection
         if done:
             self._on_handshake_complete()
 
@@ -499,9 +502,11 @@ class ClientConnection(asyncio.Protocol):
     # --- called by the relay ------------------------------------------------------------
 
     def client_finished(self) -> None:
-        """Terminate, or TLS close_notify: the client is done with its session."""
-        idle = self._relay.backend_idle()
-        self._close(backend_idle=idle)
+        """Terminate, or TLS close_notify: the client is done with its session. It
+        reads nothing more, so no close_notify is sent back (TLS 1.3 allows that)."""
+        backend_idle = self._relay.backend_idle()
+        self.transport.close()
+        self._release(backend_idle)
 
     def client_lost(self) -> None:
         self._release(backend_idle=self._relay is not None and self._relay.backend_idle())
