@@ -169,8 +169,10 @@ def _secret_problem(user: str, credentials: Credentials | None) -> str | None:
         return f'User "{user}" has no password assigned.'
     if credentials.expired:
         return f'User "{user}" has an expired password.'
-    # NOLOGIN is not checked here: PostgreSQL lets such a role through authentication and
-    # its backend refuses it (role "x" is not permitted to log in, 28000), as it does here
+    if not credentials.can_login:
+        # on purpose (README): PostgreSQL would authenticate the role and then say
+        # 'role "x" is not permitted to log in' (28000), telling the client the password was right
+        return f'Role "{user}" is not permitted to log in.'
     return None
 
 
