@@ -15,6 +15,9 @@ cdef class Relay:
         self._pump = pump
         self.client_stream = MessageScanner(True)
         self.backend_stream = MessageScanner(False)
+        # the backend is handed over idle (its start-up or reset ended in ReadyForQuery 'I'),
+        # so a client that leaves without a query leaves it idle too
+        self.backend_stream.tx_status = b'I'
 
     cpdef from_client(self, bytes data):
         if self._pump is not None:

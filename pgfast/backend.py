@@ -45,6 +45,7 @@ class BackendConnection(asyncio.Protocol):
         self._inbuf = ReadBuffer()
         self._reply: asyncio.Future | None = None   # start-up or reset, until ReadyForQuery
         self._error: dict[str, str] | None = None
+        self._gone: asyncio.Future | None = None    # retire() waits here for PostgreSQL to let go
 
     # --- asyncio.Protocol (when no relay holds the transport) --------------------------
 
@@ -68,6 +69,8 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(ConnectionError("PostgreSQL closed the connection"))
 
@@ -125,6 +128,21 @@ class BackendConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.write(messages.message(b"X", b""))
+            self.transport.close()
+
+    async def retire(self, timeout: float = 5.0) -> None:
+        """Terminate, and wait until PostgreSQL closes its end: the backend process has
+        then given its connection slot back (its socket outlives ProcKill)."""
+        if self.closed or self.transport is None:
+            return
+        self.closed = True
+        self._gone = asyncio.get_running_loop().create_future()
+        self.transport.write(messages.message(b"X", b""))
+        try:
+            await asyncio.wait_for(self._gone, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
             self.transport.close()
 
 

@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 
 from . import log
-from .backend import BackendConnection, open_backend
+from .backend import BackendConnection, BackendRefused, open_backend
 
 _SWEEP_SECONDS = 5.0
 
@@ -49,10 +49,18 @@ class Pool:
                 self.busy += 1
                 return backend, b""
         if self.busy + self._idle_count >= self._max_backends:
-            self._close_oldest_idle()
+            await self._retire_oldest_idle()
         self.busy += 1
         try:
-            backend, leftover = await open_backend(self._socket_path, params)
+            while True:
+                try:
+                    backend, leftover = await open_backend(self._socket_path, params)
+                    break
+                except BackendRefused as refusal:
+                    # PostgreSQL is full, at least for this role (superuser_reserved_connections):
+                    # backends idle for other startup packets make room, oldest first
+                    if refusal.fields.get("C") != "53300" or not await self._retire_oldest_idle():
+                        raise
         except BaseException:
             self.busy -= 1
             raise
@@ -97,12 +105,16 @@ class Pool:
         self._idle_count += 1
         self._schedule_sweep()
 
-    def _close_oldest_idle(self) -> None:
+    async def _retire_oldest_idle(self) -> bool:
+        """Close the backend idle longest and wait until PostgreSQL has let it go;
+        False when none is idle."""
         oldest = min((b for idle in self._idle.values() for b in idle), key=lambda b: b.idle_since, default=None)
-        if oldest is not None:
-            self._idle[oldest.pool_key].remove(oldest)
-            self._idle_count -= 1
-            oldest.close()
+        if oldest is None:
+            return False
+        self._idle[oldest.pool_key].remove(oldest)
+        self._idle_count -= 1
+        await oldest.retire()
+        return True
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:

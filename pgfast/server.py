@@ -448,7 +448,10 @@ class ClientConnection(asyncio.Protocol):
                 await authenticate_password(line, info, self, await frontend.catalog.credentials(info.user),
                                             frontend.tls.server_end_point if info.ssl else None,
                                             frontend.password_encryption)
-            backend, leftover = await frontend.pool.acquire(params, poolable=not info.replication)
+            # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
+            # end what it holds (temporary replication slots, streaming)
+            walsender = info.replication or dict(params).get("replication", "").lower() == "database"
+            backend, leftover = await frontend.pool.acquire(params, poolable=not walsender)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
             return
