@@ -34,6 +34,7 @@ cdef class Relay:
     cpdef forward_client(self, bytes data):
         """Plaintext from the client to the backend, less any Terminate."""
         cdef Py_ssize_t cut
+        cdef long long ddl = self.client_stream.database_ddl
         if self.client_done:
             return
         try:
@@ -43,11 +44,13 @@ cdef class Relay:
             return
         if cut < 0:
             self._backend_write(data)
-            return
-        # a pooled backend outlives the client: its Terminate stays here
-        if cut:
+        elif cut:
             self._backend_write(data[:cut])
-        self._finish()
+        if self.client_stream.database_ddl != ddl:
+            self._session.database_ddl_sent()
+        if cut >= 0:
+            # a pooled backend outlives the client: its Terminate stays here
+            self._finish()
 
     cdef _finish(self):
         self.client_done = True

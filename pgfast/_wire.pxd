@@ -49,9 +49,18 @@ cdef class MessageScanner:
     cdef readonly int tx_status     # 'I', 'T' or 'E' from the last ReadyForQuery, 0 before one
     cdef readonly long long requests  # client stream: Query, Sync and FunctionCall messages seen
     cdef readonly long long readies   # backend stream: ReadyForQuery messages seen
+    # client stream: Query/Parse messages whose SQL starts with DROP, ALTER or CREATE
+    # DATABASE, which PostgreSQL refuses while other sessions (idle pooled backends
+    # among them) use the database concerned
+    cdef readonly long long database_ddl
+    cdef bint _sniffing
+    cdef unsigned char _sql_head[64]
+    cdef int _sql_head_len
 
     cpdef Py_ssize_t scan(self, bytes data) except -2
     cdef void _on_header(self) noexcept
+    cdef void _sniff(self, const unsigned char *p, Py_ssize_t n) noexcept
+    cdef void _end_sniff(self) noexcept
 
 
 # OpenSSL entry points, resolved once by pgfast._openssl from the library that

@@ -4,6 +4,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 
 
 class ProtocolViolation(Exception):
@@ -105,6 +106,27 @@ def parse_startup_parameters(bytes body):
     return list(zip(strings[0::2], strings[1::2]))
 
 
+cdef inline const unsigned char *_skip_space(const unsigned char *p, const unsigned char *end) noexcept:
+    while p < end and (p[0] == b' ' or p[0] == b'\t' or p[0] == b'\n' or p[0] == b'\r'):
+        p += 1
+    return p
+
+
+cdef inline bint _word_is(const unsigned char **at, const unsigned char *end, const char *word) noexcept:
+    """Whether the SQL at *at starts with `word` (any case) as a whole word; advances past it."""
+    cdef const unsigned char *p = at[0]
+    cdef Py_ssize_t k = 0
+    while word[k] != 0:
+        if p + k >= end or (p[k] | 0x20) != <unsigned char>word[k]:
+            return False
+        k += 1
+    if p + k < end and ((p[k] | 0x20) >= b'a' and (p[k] | 0x20) <= b'z' or p[k] == b'_'
+                        or (p[k] >= b'0' and p[k] <= b'9')):
+        return False
+    at[0] = p + k
+    return True
+
+
 cdef class MessageScanner:
 
     def __cinit__(self, bint from_client=False):
@@ -115,6 +137,9 @@ cdef class MessageScanner:
         self.tx_status = 0
         self.requests = 0
         self.readies = 0
+        self.database_ddl = 0
+        self._sniffing = False
+        self._sql_head_len = 0
 
     cdef void _on_header(self) noexcept:
         cdef int t = self._header[0]
@@ -123,8 +148,35 @@ cdef class MessageScanner:
         if self._from_client:
             if t == b'Q' or t == b'S' or t == b'F':
                 self.requests += 1
+            if (t == b'Q' or t == b'P') and self._remaining > 0:
+                self._sniffing = True
+                self._sql_head_len = 0
         elif t == b'Z':
             self.readies += 1
+
+    cdef void _sniff(self, const unsigned char *p, Py_ssize_t n) noexcept:
+        cdef Py_ssize_t room = sizeof(self._sql_head) - self._sql_head_len
+        if n > room:
+            n = room
+        memcpy(self._sql_head + self._sql_head_len, p, n)
+        self._sql_head_len += n
+        if self._sql_head_len == sizeof(self._sql_head):
+            self._end_sniff()
+
+    cdef void _end_sniff(self) noexcept:
+        cdef const unsigned char *p = self._sql_head
+        cdef const unsigned char *end = p + self._sql_head_len
+        self._sniffing = False
+        if self.last_type == b'P':          # Parse: the statement name comes first
+            while p < end and p[0] != 0:
+                p += 1
+            p += 1
+        p = _skip_space(p, end)
+        if not (_word_is(&p, end, b"drop") or _word_is(&p, end, b"alter") or _word_is(&p, end, b"create")):
+            return
+        p = _skip_space(p, end)
+        if _word_is(&p, end, b"database"):
+            self.database_ddl += 1
 
     cpdef Py_ssize_t scan(self, bytes data) except -2:
         """Follow the messages in data; the offset of a Terminate ('X') or -1.
@@ -141,8 +193,12 @@ cdef class MessageScanner:
                 if self.last_type == b'Z' and take == self._remaining:
                     # the status is ReadyForQuery's last byte, wherever the chunk starts
                     self.tx_status = p[i + take - 1]
+                if self._sniffing:
+                    self._sniff(p + i, take)
                 self._remaining -= take
                 i += take
+                if self._sniffing and self._remaining == 0:
+                    self._end_sniff()
                 continue
             if self._header_len == 0 and p[i] == b'X':
                 return i

@@ -41,6 +41,7 @@ class BackendConnection(asyncio.Protocol):
         self.created = time.monotonic()
         self.idle_since = 0.0
         self.pool_key: tuple | None = None
+        self.rules = None                        # catalog.SessionRules it started under
         self.closed = False
         self._inbuf = ReadBuffer()
         self._reply: asyncio.Future | None = None   # start-up or reset, until ReadyForQuery

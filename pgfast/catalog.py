@@ -30,9 +30,32 @@ CREDENTIALS_OF = ("SELECT rolpassword, rolcanlogin, "
                   "coalesce(rolvaliduntil < pg_catalog.now(), false) "
                   "FROM pg_catalog.pg_authid WHERE rolname = $1")
 
+# What PostgreSQL checks, or applies, when a backend starts for a role and database;
+# a pooled backend that started under other values must not serve (see pool.py).
+SESSION_RULES_OF = (
+    "SELECT r.rolcanlogin, r.rolconnlimit, d.datallowconn, d.datconnlimit, "
+    "pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT'), "
+    "(SELECT pg_catalog.string_agg(s.setdatabase::text || '/' || s.setrole::text || '='"
+    " || pg_catalog.array_to_string(s.setconfig, ','), ';' ORDER BY s.setdatabase, s.setrole)"
+    " FROM pg_catalog.pg_db_role_setting s WHERE s.setdatabase IN (0, d.oid) AND s.setrole IN (0, r.oid)) "
+    "FROM pg_catalog.pg_roles r, pg_catalog.pg_database d WHERE r.rolname = $1 AND d.datname = $2")
+
 
 class CatalogError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """The catalog state a backend for (role, database) starts under."""
+    values: tuple[str | None, ...]
+
+    @property
+    def poolable(self) -> bool:
+        # a connection limit counts live sessions, idle pooled ones included, so
+        # backends under one are never kept
+        _, role_limit, _, database_limit, *_ = self.values
+        return role_limit == "-1" and database_limit == "-1"
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,13 @@ class Catalog:
             return frozenset(row[0] for row in await self.query(ROLES_OF, [user]))
         return await self._cached(("roles_of", user), compute)
 
+    async def session_rules(self, user: str, database: str) -> SessionRules | None:
+        """None when the role or the database does not exist."""
+        async def compute():
+            rows = await self.query(SESSION_RULES_OF, [user, database])
+            return SessionRules(rows[0]) if rows else None
+        return await self._cached(("session_rules", user, database), compute)
+
     async def credentials(self, user: str) -> Credentials | None:
         """The role's login credentials; None when no such role exists."""
         async def compute():
@@ -180,7 +210,16 @@ class Catalog:
         return await self._cached(("credentials", user), compute)
 
 
+_last_failure_logged = float("-inf")
+
+
 def log_catalog_failure(exc: CatalogError) -> None:
+    """Log why the catalogs could not be read, at most once a minute (it repeats per connection)."""
+    global _last_failure_logged
+    now = time.monotonic()
+    if now - _last_failure_logged < 60:
+        return
+    _last_failure_logged = now
     log.log(f"pgfast could not read PostgreSQL's catalogs: {exc}",
             hint="pgfast reads them as pgfast.admin_user (default: the account running PostgreSQL); "
                  "that role must exist and be a superuser.")

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 from . import log
 from .backend import BackendConnection, BackendRefused, open_backend
+from .catalog import SessionRules
 
 _SWEEP_SECONDS = 5.0
 
@@ -39,12 +40,19 @@ class Pool:
     def key(params: list[tuple[str, str]]) -> tuple:
         return tuple(sorted(params))
 
-    async def acquire(self, params: list[tuple[str, str]], poolable: bool) -> tuple[BackendConnection, bytes]:
+    async def acquire(self, params: list[tuple[str, str]], rules: SessionRules | None
+                      ) -> tuple[BackendConnection, bytes]:
         """A backend for this startup packet (reused if one is idle) and any bytes it
-        sent after its first ReadyForQuery. Raises what open_backend raises."""
+        sent after its first ReadyForQuery. Raises what open_backend raises.
+
+        rules is the catalog state PostgreSQL would check and apply at start (None:
+        unknown, or a session never to pool): an idle backend is reused only if it
+        started under the same, so a role made NOLOGIN, a revoked CONNECT or a new
+        ALTER ROLE ... SET reaches the next client as PostgreSQL would have it."""
         key = self.key(params)
-        if poolable and self.enabled:
-            backend = self._take_idle(key)
+        poolable = self.enabled and rules is not None and rules.poolable
+        if poolable:
+            backend = self._take_idle(key, rules)
             if backend is not None:
                 self.busy += 1
                 return backend, b""
@@ -64,16 +72,17 @@ class Pool:
         except BaseException:
             self.busy -= 1
             raise
-        backend.pool_key = key if poolable and self.enabled else None
+        backend.pool_key = key if poolable else None
+        backend.rules = rules
         return backend, leftover
 
-    def _take_idle(self, key: tuple) -> BackendConnection | None:
+    def _take_idle(self, key: tuple, rules: SessionRules) -> BackendConnection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             backend = idle.pop()
             self._idle_count -= 1
-            if not backend.closed and now - backend.created < self._lifetime:
+            if not backend.closed and now - backend.created < self._lifetime and backend.rules == rules:
                 return backend
             backend.close()
         return None
@@ -115,6 +124,14 @@ class Pool:
         self._idle_count -= 1
         await oldest.retire()
         return True
+
+    def retire_idle(self) -> None:
+        """Let every idle backend go (their sessions would block database DDL)."""
+        idle = [backend for backends in self._idle.values() for backend in backends]
+        self._idle.clear()
+        self._idle_count = 0
+        for backend in idle:
+            asyncio.get_running_loop().create_task(backend.retire())
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:

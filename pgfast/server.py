@@ -451,7 +451,8 @@ class ClientConnection(asyncio.Protocol):
             # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
             # end what it holds (temporary replication slots, streaming)
             walsender = info.replication or dict(params).get("replication", "").lower() == "database"
-            backend, leftover = await frontend.pool.acquire(params, poolable=not walsender)
+            rules = await self._session_rules(info) if frontend.pool.enabled and not walsender else None
+            backend, leftover = await frontend.pool.acquire(params, rules)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
             return
@@ -480,6 +481,15 @@ class ClientConnection(asyncio.Protocol):
             self._frontend.pool.release(backend, idle=not leftover)
             return
         self._on_backend_ready(backend, leftover)
+
+    async def _session_rules(self, info: ClientInfo):
+        """What a pooled backend must have started under to serve this client; None
+        (a fresh, unpooled backend) when the catalogs cannot say."""
+        try:
+            return await self._frontend.catalog.session_rules(info.user, info.database)
+        except CatalogError as exc:
+            log_catalog_failure(exc)
+            return None
 
     def _on_backend_ready(self, backend: BackendConnection, leftover: bytes) -> None:
         if self._timeout is not None:
@@ -520,6 +530,11 @@ class ClientConnection(asyncio.Protocol):
 
     def backend_lost(self) -> None:
         self._close()
+
+    def database_ddl_sent(self) -> None:
+        """DROP/ALTER/CREATE DATABASE refuses while other sessions use the database
+        concerned, and waits up to 5 s for them: idle pooled backends leave now."""
+        self._frontend.pool.retire_idle()
 
     def backend_failed(self, exc: Exception) -> None:
         log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")

@@ -344,6 +344,27 @@ def test_scanner_counts_agree_at_every_split():
             assert [(s.requests, s.readies) for s in scanners][0] == [(s.requests, s.readies) for s in scanners][1]
 
 
+DDL_CASES = [
+    (b"Q", b"drop database foo\0", 1), (b"Q", b"  DROP\n\tDATABASE x;\0", 1), (b"Q", b"create database y\0", 1),
+    (b"P", b"stmt\0alter database x rename to y\0\0\0", 1), (b"P", b"\0DROP DATABASE z\0\0\0", 1),
+    (b"Q", b"dropdatabase\0", 0), (b"Q", b"drop databases\0", 0), (b"Q", b"drop database_x\0", 0),
+    (b"Q", b"select 'drop database x'\0", 0), (b"Q", b" " * 70 + b"drop database x\0", 0),
+    (b"B", b"drop database\0", 0),
+]
+
+
+@pytest.mark.parametrize("msg_type,payload,expected", DDL_CASES)
+def test_scanner_notices_database_ddl(msg_type, payload, expected):
+    stream = message(msg_type, payload)
+    for cut in range(len(stream) + 1):
+        scanners = _wire.MessageScanner(True), ref.MessageScanner(True)
+        for scanner in scanners:
+            scanner.scan(stream[:cut])
+            scanner.scan(stream[cut:])
+        assert [s.database_ddl for s in scanners] == [expected, expected], cut
+    assert _wire.MessageScanner(False).scan(stream) == -1   # the backend stream is never sniffed
+
+
 def test_scanner_split_at_every_byte():
     for cut in range(len(BACKEND_STREAM) + 1):
         result, state = scan_both([BACKEND_STREAM[:cut], BACKEND_STREAM[cut:]])

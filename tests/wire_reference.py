@@ -12,6 +12,8 @@ are plain attributes rather than read-only ones.
 """
 from __future__ import annotations
 
+import re
+
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
@@ -144,6 +146,8 @@ class MessageScanner:
         self.tx_status = 0          # the last byte of the last ReadyForQuery ('I', 'T', 'E')
         self.requests = 0           # client stream: Query, Sync and FunctionCall messages
         self.readies = 0            # backend stream: ReadyForQuery messages
+        self.database_ddl = 0       # client stream: Query/Parse starting DROP/ALTER/CREATE DATABASE
+        self._sql_head = None       # first 64 payload bytes of the current Query/Parse
 
     def scan(self, data: bytes) -> int:
         """Follow the messages in data; the offset of a Terminate ('X') starting a message, or -1.
@@ -155,8 +159,13 @@ class MessageScanner:
                 take = min(self._remaining, len(data) - i)
                 if self.last_type == ord("Z") and take == self._remaining:
                     self.tx_status = data[i + take - 1]
+                if self._sql_head is not None:
+                    self._sql_head += data[i:i + take]
                 self._remaining -= take
                 i += take
+                if self._sql_head is not None and (self._remaining == 0 or len(self._sql_head) >= 64):
+                    self._check_sql(self._sql_head[:64])
+                    self._sql_head = None
             elif not self._header and data[i] == ord("X"):
                 return i
             else:
@@ -169,6 +178,8 @@ class MessageScanner:
                     self._header = b""
                     if self._from_client and self.last_type in b"QSF":
                         self.requests += 1
+                    if self._from_client and self.last_type in b"QP" and self._remaining > 0:
+                        self._sql_head = b""
                     elif not self._from_client and self.last_type == ord("Z"):
                         self.readies += 1
                     if self._remaining < 0:
@@ -178,6 +189,12 @@ class MessageScanner:
     @property
     def at_boundary(self) -> bool:
         return self._remaining == 0 and not self._header
+
+    def _check_sql(self, head: bytes) -> None:
+        if self.last_type == ord("P"):
+            head = head.partition(b"\0")[2]
+        if re.match(rb"[ \t\n\r]*(drop|alter|create)[ \t\n\r]+database(?![a-z0-9_])", head, re.IGNORECASE):
+            self.database_ddl += 1
 
 
 # --- the TLS pump -------------------------------------------------------------------------
