@@ -72,6 +72,7 @@ ctypedef int (*bio_read_fn)(void *bio, void *buf, int num) noexcept nogil
 ctypedef int (*bio_write_fn)(void *bio, const void *buf, int num) noexcept nogil
 ctypedef int (*ssl_get_error_fn)(const void *ssl, int ret) noexcept nogil
 ctypedef int (*ssl_shutdown_fn)(void *ssl) noexcept nogil
+ctypedef int (*ssl_do_handshake_fn)(void *ssl) noexcept nogil
 ctypedef unsigned long (*err_get_error_fn)() noexcept nogil
 ctypedef void (*err_clear_error_fn)() noexcept nogil
 ctypedef const char *(*err_reason_string_fn)(unsigned long e) noexcept nogil
@@ -83,6 +84,7 @@ cdef struct OpenSSLCalls:
     bio_write_fn BIO_write
     ssl_get_error_fn SSL_get_error
     ssl_shutdown_fn SSL_shutdown
+    ssl_do_handshake_fn SSL_do_handshake
     err_get_error_fn ERR_get_error
     err_clear_error_fn ERR_clear_error
     err_reason_string_fn ERR_reason_error_string
@@ -97,8 +99,10 @@ cdef enum PumpState:
 cdef class TLSPump:
     """Ciphertext in, plaintext out and back, over one SSL* and its memory BIOs.
 
-    The handshake has already run through pyOpenSSL; the pump takes over the data
-    phase and calls OpenSSL directly, so no Python object exists per record.
+    The SSL* belongs to a pyOpenSSL Connection, whose context holds the callbacks
+    (certificate verification, ALPN) and which answers questions about the session;
+    the pump drives the handshake and the data phase by calling OpenSSL directly, so
+    no Python object exists per record.
     """
     cdef void *_ssl
     cdef void *_into_ssl     # memory BIO: ciphertext received from the peer
@@ -111,6 +115,7 @@ cdef class TLSPump:
     cdef int _reserve(self, Py_ssize_t size) except -1
     cdef bytes _drain_ciphertext(self)
     cdef _raise_tls_error(self, int ret)
+    cpdef bint handshake(self, bytes ciphertext) except -1
     cpdef bytes decrypt(self, bytes ciphertext)
     cpdef bytes encrypt(self, bytes plaintext)
     cpdef bytes close_notify(self)

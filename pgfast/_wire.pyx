@@ -230,6 +230,7 @@ def install_openssl_calls(dict addresses):
     _calls.BIO_write = <bio_write_fn><uintptr_t>addresses["BIO_write"]
     _calls.SSL_get_error = <ssl_get_error_fn><uintptr_t>addresses["SSL_get_error"]
     _calls.SSL_shutdown = <ssl_shutdown_fn><uintptr_t>addresses["SSL_shutdown"]
+    _calls.SSL_do_handshake = <ssl_do_handshake_fn><uintptr_t>addresses["SSL_do_handshake"]
     _calls.ERR_get_error = <err_get_error_fn><uintptr_t>addresses["ERR_get_error"]
     _calls.ERR_clear_error = <err_clear_error_fn><uintptr_t>addresses["ERR_clear_error"]
     _calls.ERR_reason_error_string = <err_reason_string_fn><uintptr_t>addresses["ERR_reason_error_string"]
@@ -289,6 +290,22 @@ cdef class TLSPump:
         if ret == SSL_ERROR_SYSCALL:
             raise TLSError("unexpected EOF")
         raise TLSError(f"SSL error code {ret}")
+
+    cpdef bint handshake(self, bytes ciphertext) except -1:
+        """Feed the peer's handshake bytes; True once the handshake is complete. What
+        to send back is in pending_ciphertext(); a failed handshake raises TLSError
+        and leaves the alert to send there."""
+        cdef int ret, err
+        if ciphertext:
+            _calls.BIO_write(self._into_ssl, PyBytes_AS_STRING(ciphertext), <int>PyBytes_GET_SIZE(ciphertext))
+        _calls.ERR_clear_error()
+        ret = _calls.SSL_do_handshake(self._ssl)
+        if ret == 1:
+            return True
+        err = _calls.SSL_get_error(self._ssl, ret)
+        if err == SSL_ERROR_WANT_READ:
+            return False
+        self._raise_tls_error(err)
 
     cpdef bytes decrypt(self, bytes ciphertext):
         """Plaintext of every whole record now available (b'' while a record is partial)."""

@@ -192,6 +192,13 @@ class Catalog:
             return frozenset(row[0] for row in await self.query(ROLES_OF, [user]))
         return await self._cached(("roles_of", user), compute)
 
+    def cached_session_rules(self, user: str, database: str) -> SessionRules | None:
+        """session_rules() when a fresh answer that names a role and database is cached."""
+        hit = self._cache.get(("session_rules", user, database))
+        if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        return None
+
     async def session_rules(self, user: str, database: str) -> SessionRules | None:
         """None when the role or the database does not exist."""
         async def compute():

@@ -7,6 +7,7 @@ messages keep PostgreSQL's wording (users grep for it), followed by
 file, we raise at the first one.
 """
 import ctypes
+import functools
 import ipaddress
 import os
 import re
@@ -437,7 +438,7 @@ class HbaRules:
         """
         if not local and address is None:
             raise ValueError("a TCP connection needs its client address")
-        ip = None if local else ipaddress.ip_address(address.partition("%")[0])
+        ip = None if local else _client_ip(address)
         client = _Client(local, ssl, ip, database, user, replication, roles, client_hostname)
         return next((line for line in self.lines if _line_matches(line, client)), None)
 
@@ -458,6 +459,12 @@ def _connection_matches(line: HbaLine, client: _Client) -> bool:
     if line.conntype == "hostgssenc":
         return False    # pgfast never negotiates GSSAPI encryption
     return _address_matches(line, client)
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # clients come back from few addresses; parsing one is most of a match's cost
+    return ipaddress.ip_address(address.partition("%")[0])
 
 
 def _address_matches(line: HbaLine, client: _Client) -> bool:

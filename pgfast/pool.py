@@ -49,13 +49,11 @@ class Pool:
         unknown, or a session never to pool): an idle backend is reused only if it
         started under the same, so a role made NOLOGIN, a revoked CONNECT or a new
         ALTER ROLE ... SET reaches the next client as PostgreSQL would have it."""
+        backend = self.take_idle(params, rules)
+        if backend is not None:
+            return backend, b""
         key = self.key(params)
         poolable = self.enabled and rules is not None and rules.poolable
-        if poolable:
-            backend = self._take_idle(key, rules)
-            if backend is not None:
-                self.busy += 1
-                return backend, b""
         if self.busy + self._idle_count >= self._max_backends:
             await self._retire_oldest_idle()
         self.busy += 1
@@ -76,13 +74,17 @@ class Pool:
         backend.rules = rules
         return backend, leftover
 
-    def _take_idle(self, key: tuple, rules: SessionRules) -> BackendConnection | None:
-        idle = self._idle.get(key)
+    def take_idle(self, params: list[tuple[str, str]], rules: SessionRules | None) -> BackendConnection | None:
+        """An idle backend that started with these parameters under these rules, or None."""
+        if not self.enabled or rules is None or not rules.poolable:
+            return None
+        idle = self._idle.get(self.key(params))
         now = time.monotonic()
         while idle:
             backend = idle.pop()
             self._idle_count -= 1
             if not backend.closed and now - backend.created < self._lifetime and backend.rules == rules:
+                self.busy += 1
                 return backend
             backend.close()
         return None

@@ -71,13 +71,6 @@ class Refused(Exception):
         self.detail = detail
 
 
-def _ssl_error_reason(exc: SSL.Error) -> str:
-    try:
-        return exc.args[0][-1][2]
-    except (IndexError, TypeError):
-        return str(exc) or exc.__class__.__name__
-
-
 def _replication_mode(value: str | None) -> bool:
     """True for physical replication; logical (database) connections match pg_hba
     by database like any other."""
@@ -162,8 +155,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._address: str | None = None
         self._inbuf = ReadBuffer()
-        self._tls: SSL.Connection | None = None     # pyOpenSSL, for the handshake and peer info
-        self._pump = None                             # the Cython pump, once the handshake is done
+        self._tls: SSL.Connection | None = None     # pyOpenSSL: the context's callbacks, peer info
+        self._handshake = None                        # the Cython pump while it runs the handshake
+        self._pump = None                             # ... and once the handshake is done
         self._direct_tls = False
         self._gss_done = False
         self._ssl_done = False
@@ -193,6 +187,9 @@ class ClientConnection(asyncio.Protocol):
         self._frontend.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._state == State.HANDSHAKE:
+            self._do_handshake(data)
+            return
         if self._pump is not None:
             try:
                 data = self._pump.decrypt(data)
@@ -200,9 +197,6 @@ class ClientConnection(asyncio.Protocol):
                 log.log(f"could not receive data from client: {exc}")
                 self._close()
                 return
-        elif self._state == State.HANDSHAKE:
-            self._do_handshake(data)
-            return
         if self._state == State.CLOSED:
             return
         self._inbuf.feed_data(data)
@@ -362,7 +356,8 @@ class ClientConnection(asyncio.Protocol):
         # defaults the database to the user itself, and adding it here could push a
         # packet PostgreSQL accepts from the client past its 10000-byte limit
         self._set_state(State.AUTHENTICATING)
-        self._task = asyncio.get_running_loop().create_task(self._authenticate_and_connect(info, params))
+        if not self._start_at_once(info, params):
+            self._task = asyncio.get_running_loop().create_task(self._authenticate_and_connect(info, params))
 
     # --- TLS handshake -----------------------------------------------------------------
 
@@ -370,45 +365,32 @@ class ClientConnection(asyncio.Protocol):
         self._direct_tls = direct
         self._ssl_done = True
         self._tls = self._frontend.tls.new_connection()
+        self._handshake = _openssl.make_pump(self._tls)
         self._set_state(State.HANDSHAKE)
         self._do_handshake(self._inbuf.take_all())
 
     def _do_handshake(self, data: bytes) -> None:
-        tls = self._tls
-        if data:
-            tls.bio_write(data)
+        pump = self._handshake
         try:
-            tls.do_handshake()
-            done = True
-        except SSL.WantReadError:
-            done = False
-        except SSL.Error as exc:
-            self._flush_handshake_output()
-            failure = verify_failure(tls)
-            log.log(f"could not accept SSL connection: {_ssl_error_reason(exc)}",
-                    detail=failure[1] if failure else None)
+            done = pump.handshake(data)
+        except TLSError as exc:
+            self.transport.write(pump.pending_ciphertext())     # the alert
+            failure = verify_failure(self._tls)
+            log.log(f"could not accept SSL connection: {exc}", detail=failure[1] if failure else None)
             self.transport.close()
             self._release()
             return
-        if not done or tls.get_protocol_version_name() != "TLSv1.3":
-            self._flush_handshake_output()
-        # TLS 1.3 leaves only session tickets to send once the client's Finished is in;
-        # the pump drains them with the first reply, saving a write per connection
+        # once TLS 1.3 is done only session tickets are left to send: the first reply
+        # carries them (the pump drains everything pending), saving a write
+        if not done or self._tls.get_protocol_version_name() != "TLSv1.3":
+            out = pump.pending_ciphertext()
+            if out:
+                self.transport.write(out)
         if done:
             self._on_handshake_complete()
 
-    def _flush_handshake_output(self) -> None:
-        chunks = []
-        while True:
-            try:
-                chunks.append(self._tls.bio_read(65536))
-            except SSL.WantReadError:
-                break
-        if chunks:
-            self.transport.write(b"".join(chunks))
-
     def _on_handshake_complete(self) -> None:
-        self._pump = _openssl.make_pump(self._tls)
+        self._pump, self._handshake = self._handshake, None
         self._set_state(State.NEGOTIATING)
         if self._direct_tls and alpn_protocol(self._tls) is None:
             self._refuse(Refused("08P01", "received direct SSL connection request without ALPN protocol "
@@ -448,10 +430,7 @@ class ClientConnection(asyncio.Protocol):
                 await authenticate_password(line, info, self, await frontend.catalog.credentials(info.user),
                                             frontend.tls.server_end_point if info.ssl else None,
                                             frontend.password_encryption)
-            # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
-            # end what it holds (temporary replication slots, streaming)
-            walsender = info.replication or dict(params).get("replication", "").lower() == "database"
-            rules = await self._session_rules(info) if frontend.pool.enabled and not walsender else None
+            rules = await self._session_rules(info) if self._poolable(info, params) else None
             backend, leftover = await frontend.pool.acquire(params, rules)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
@@ -481,6 +460,35 @@ class ClientConnection(asyncio.Protocol):
             self._frontend.pool.release(backend, idle=not leftover)
             return
         self._on_backend_ready(backend, leftover)
+
+    def _poolable(self, info: ClientInfo, params: list[tuple[str, str]]) -> bool:
+        # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
+        # end what it holds (temporary replication slots, streaming)
+        walsender = info.replication or dict(params).get("replication", "").lower() == "database"
+        return self._frontend.pool.enabled and not walsender
+
+    def _start_at_once(self, info: ClientInfo, params: list[tuple[str, str]]) -> bool:
+        """The common case, without a task: pg_hba decides alone (no password, no role or
+        host name lookups), the catalog answer is cached and an idle backend is ready.
+        False, having done nothing, when _authenticate_and_connect must take over."""
+        frontend = self._frontend
+        if frontend.hba.needs_roles or frontend.hba.needs_hostname or not self._poolable(info, params):
+            return False
+        rules = frontend.catalog.cached_session_rules(info.user, info.database)
+        if rules is None:
+            return False
+        try:
+            line = authorize(frontend.hba, frontend.ident, info, None, None)
+        except AuthFailed as failure:
+            self._refuse(failure, failure.log_detail)
+            return True
+        if line.method in PASSWORD_METHODS:
+            return False
+        backend = frontend.pool.take_idle(params, rules)
+        if backend is None:
+            return False
+        self._on_backend_ready(backend, b"")
+        return True
 
     async def _session_rules(self, info: ClientInfo):
         """What a pooled backend must have started under to serve this client; None
