@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from pgfast.postmaster import live_postmaster_pid
+
 from . import procs
 
 SCALE = 10
@@ -199,16 +201,7 @@ class Cluster:
     # -------------------------------------------------------------- the stock server
 
     def postmaster_pid(self) -> int | None:
-        try:
-            with open(os.path.join(self.data, "postmaster.pid")) as f:
-                pid = int(f.readline())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return live_postmaster_pid(self.data)
 
     def _ready(self, pid: int) -> bool:
         try:

@@ -129,10 +129,6 @@ def authorize(rules: HbaRules, ident: IdentMap, info: ClientInfo, roles: frozens
     return line
 
 
-class ClientGone(Exception):
-    """The client ended the exchange without an answer (PostgreSQL closes silently)."""
-
-
 class Exchange(Protocol):
     """The client side of an authentication exchange, as the server connection offers it."""
 

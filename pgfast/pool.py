@@ -35,6 +35,8 @@ class Pool:
         self._idle_count = 0
         self.busy = 0                   # backends serving clients, resetting or starting
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._retiring: set[asyncio.Task] = set()
 
     @staticmethod
     def key(params: list[tuple[str, str]]) -> tuple:
@@ -91,6 +93,10 @@ class Pool:
 
     def release(self, backend: BackendConnection, idle: bool) -> None:
         """The client is done with the backend; idle says it left no work in flight."""
+        if self._closing:
+            self.busy -= 1
+            self._retire_soon(backend)
+            return
         if not idle or backend.pool_key is None or backend.closed or \
                 time.monotonic() - backend.created >= self._lifetime:
             self.busy -= 1
@@ -107,6 +113,9 @@ class Pool:
             return
         finally:
             self.busy -= 1
+        if self._closing:
+            self._retire_soon(backend)
+            return
         idle = self._idle[backend.pool_key]
         if len(idle) >= self._size or backend.closed:
             backend.close()
@@ -133,7 +142,12 @@ class Pool:
         self._idle.clear()
         self._idle_count = 0
         for backend in idle:
-            asyncio.get_running_loop().create_task(backend.retire())
+            self._retire_soon(backend)
+
+    def _retire_soon(self, backend: BackendConnection) -> None:
+        task = asyncio.get_running_loop().create_task(backend.retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
@@ -156,12 +170,17 @@ class Pool:
         if self._idle_count:
             self._schedule_sweep()
 
-    def close(self) -> None:
+    def begin_shutdown(self) -> None:
+        """From now on every backend handed back is let go, not kept."""
+        self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for idle in self._idle.values():
-            for backend in idle:
-                backend.close()
-        self._idle.clear()
-        self._idle_count = 0
+        self.retire_idle()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait until PostgreSQL has let go of every backend, so its shutdown finds
+        none of pgfast's sessions to cut short."""
+        self.begin_shutdown()
+        if self._retiring:
+            await asyncio.wait(set(self._retiring), timeout=timeout)

@@ -129,7 +129,7 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, un
         log.log("database system is ready to accept connections")
         status = await stopping
         await frontend.shutdown()
-        pool.close()
+        await pool.close()
         catalog.close()
         return status
 

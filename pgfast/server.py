@@ -6,11 +6,11 @@ A connection moves through explicit states, changed only in _set_state():
                                                                             -> CLOSED (from any)
 
 NEGOTIATING reads startup packets the way PostgreSQL's ProcessStartupPacket does
-(SSLRequest, GSSENCRequest, CancelRequest, StartupMessage); HANDSHAKE runs through
-pyOpenSSL so its callbacks (client-certificate verification, ALPN) behave normally;
-from then on the Cython pump does the TLS work. In RELAYING, the Cython relay
-(pgfast._relay) is the protocol of both transports and calls back here only when a
-side ends.
+(SSLRequest, GSSENCRequest, CancelRequest, StartupMessage). From HANDSHAKE on, the
+Cython pump does the TLS work on a pyOpenSSL connection, whose context carries the
+callbacks (client-certificate verification, ALPN) and which answers questions about
+the session. In RELAYING, the Cython relay (pgfast._relay) is the protocol of both
+transports and calls back here only when a side ends.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from . import _openssl, log, messages
 from ._relay import Relay
 from ._wire import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
                     ProtocolViolation, ReadBuffer, TLSError, parse_startup_parameters)
-from .auth import (MAX_AUTH_TOKEN_LENGTH, PASSWORD_METHODS, AuthFailed, ClientGone, ClientInfo,
+from .auth import (MAX_AUTH_TOKEN_LENGTH, PASSWORD_METHODS, AuthFailed, ClientInfo,
                    authenticate_password, authorize)
 from .backend import BackendConnection, BackendRefused, send_cancel
 from .catalog import Catalog, CatalogError, log_catalog_failure
@@ -140,6 +140,7 @@ class Frontend:
     async def shutdown(self) -> None:
         for server in self._servers:
             server.close()
+        self.pool.begin_shutdown()
         for client in list(self.clients):
             client.terminate("57P01", "terminating connection due to administrator command")
         for server in self._servers:
@@ -434,9 +435,6 @@ class ClientConnection(asyncio.Protocol):
             backend, leftover = await frontend.pool.acquire(params, rules)
         except AuthFailed as failure:
             self._refuse(failure, failure.log_detail)
-            return
-        except ClientGone:
-            self._close()
             return
         except CatalogError as exc:
             log_catalog_failure(exc)

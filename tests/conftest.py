@@ -161,7 +161,7 @@ def write_file(path: str, text: str, mode: int = 0o600) -> str:
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, mode)
-    chown_tree(path) if os.path.isdir(path) else _chown_file(path)
+    _chown_file(path)
     return path
 
 
@@ -176,14 +176,31 @@ def append_conf(data_dir: str, text: str) -> None:
         f.write("\n" + text + "\n")
 
 
-@pytest.fixture
-def client_env(scratch) -> dict:
-    """Environment for clients: an empty HOME so no ~/.postgresql or ~/.pgpass interferes."""
-    home = os.path.join(scratch, "home")
+def client_environment(home: str) -> dict:
+    """Environment for clients: no PG* variables, and an empty HOME so no ~/.postgresql
+    or ~/.pgpass interferes."""
     os.makedirs(home, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["HOME"] = home
     return env
+
+
+@pytest.fixture
+def client_env(scratch) -> dict:
+    return client_environment(os.path.join(scratch, "home"))
+
+
+@pytest.fixture(scope="module")
+def module_dir(scratch_root, request) -> str:
+    """A directory for a test module's shared servers, reachable by the database account."""
+    path = tempfile.mkdtemp(prefix=f"{request.module.__name__}-", dir=scratch_root)
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def module_env(module_dir) -> dict:
+    return client_environment(os.path.join(module_dir, "home"))
 
 
 @pytest.fixture

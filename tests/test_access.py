@@ -254,14 +254,6 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def module_env(scratch_root) -> dict:
-    home = tempfile.mkdtemp(prefix="access-home-", dir=scratch_root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["HOME"] = home      # no ~/.postgresql/postgresql.crt or root.crt sneaks in
-    return env
-
-
-@pytest.fixture(scope="module")
 def servers(template_cluster, scratch_root, bindir, module_env, pki):
     """The session's initdb copied once, seeded with this module's roles and databases
     (through pgfast on initdb's own trust-only pg_hba.conf), with TLS files in place."""

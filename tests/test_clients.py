@@ -72,20 +72,8 @@ def ca() -> certs.CA:
 
 
 @pytest.fixture(scope="module")
-def module_dir(scratch_root) -> str:
-    path = tempfile.mkdtemp(prefix="test_clients-", dir=scratch_root)
-    os.chmod(path, 0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(module_dir) -> dict:
-    """Client environment: no PG* variables, an empty HOME (no ~/.postgresql/root.crt)."""
-    home = os.path.join(module_dir, "home")
-    os.makedirs(home, exist_ok=True)
-    values = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    values["HOME"] = home
-    return values
+def env(module_env) -> dict:
+    return module_env
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +377,8 @@ def test_psycopg_direct_tls(hostssl, root_cert):
 def test_psycopg_require_refused_by_hostnossl(hostnossl):
     with pytest.raises(psycopg.OperationalError) as caught:
         psycopg.connect(hostnossl.dsn(sslmode="require"))
-    assert (f'no pg_hba.conf entry for host "127.0.0.1", user "postgres", database "postgres", '
-            f'SSL encryption') in str(caught.value)
+    assert ('no pg_hba.conf entry for host "127.0.0.1", user "postgres", database "postgres", '
+            'SSL encryption') in str(caught.value)
 
 
 def test_psycopg_wrong_root_fails_on_the_client(host, wrong_root_cert):

@@ -176,22 +176,6 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def module_dir(scratch_root) -> str:
-    path = tempfile.mkdtemp(prefix="passwords-", dir=scratch_root)
-    os.chmod(path, 0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
-def module_env(module_dir) -> dict:
-    home = os.path.join(module_dir, "home")
-    os.makedirs(home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["HOME"] = home      # no ~/.pgpass or ~/.postgresql sneaks in
-    return env
-
-
-@pytest.fixture(scope="module")
 def pki(module_dir) -> Pki:
     directory = os.path.join(module_dir, "pki")
     os.mkdir(directory)

@@ -82,19 +82,8 @@ def ca() -> certs.CA:
 
 
 @pytest.fixture(scope="module")
-def module_dir(scratch_root) -> str:
-    path = tempfile.mkdtemp(prefix="test_pooling-", dir=scratch_root)
-    os.chmod(path, 0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(module_dir) -> dict:
-    home = os.path.join(module_dir, "home")
-    os.makedirs(home, exist_ok=True)
-    values = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    values["HOME"] = home
-    return values
+def env(module_env) -> dict:
+    return module_env
 
 
 @pytest.fixture(scope="module")

@@ -272,13 +272,6 @@ def tls_dir(_shared_tls_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def module_dir(scratch_root, request) -> str:
-    path = tempfile.mkdtemp(prefix=f"{request.module.__name__}-", dir=scratch_root)
-    os.chmod(path, 0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
 def initialised(module_dir) -> tuple[str, Run]:
     """`pgfast init -D DIR` with every default."""
     data_dir = os.path.join(module_dir, "init-default")
@@ -297,13 +290,6 @@ def encrypted(module_dir) -> str:
     run = pgfast_cli("init", "-D", data_dir, "--key-passphrase-file", passphrase_file, timeout=60)
     assert run.returncode == 0, run.output
     return data_dir
-
-
-@pytest.fixture(scope="module")
-def module_env(module_dir) -> dict:
-    home = os.path.join(module_dir, "home")
-    os.makedirs(home, exist_ok=True)
-    return clean_env(HOME=home)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import certs
 from pgfast.config import Settings
 from pgfast.errors import TLSSetupError
 from pgfast.selfsigned import write_self_signed
-from pgfast.tls import ServerTLS, alpn_protocol, load_server_tls, peer_certificate_cn, verify_failure
+from pgfast.tls import alpn_protocol, load_server_tls, peer_certificate_cn, verify_failure
 
 REPO = Path(__file__).resolve().parent.parent
 ME = os.geteuid()       # owns the files the tests write, so it is the database user by default
