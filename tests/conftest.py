@@ -229,6 +229,13 @@ def run_pgfast(*args: str, env: dict | None = None, timeout: float = 60, input: 
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def psql_script(bindir: str, server: Pgfast, sql: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A multi-statement SQL script, as postgres, over the server's Unix socket."""
+    return subprocess.run([os.path.join(bindir, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", server.socket_dir,
+                           "-p", str(server.port), "-U", "postgres", "-d", "postgres", "-f", "-"],
+                          input=sql, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def psql(bindir: str, dsn: str, sql: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(bindir, "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                            "-d", dsn, "-c", sql],

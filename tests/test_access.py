@@ -36,7 +36,7 @@ import psycopg
 import pytest
 
 import certs
-from conftest import Pgfast, chown_tree, db_account, free_port
+from conftest import Pgfast, chown_tree, db_account, free_port, psql_script
 from pgfast.catalog import CACHE_SECONDS
 
 WHO = "SELECT current_user || '@' || current_database()"
@@ -268,10 +268,7 @@ def servers(template_cluster, scratch_root, bindir, module_env, pki):
     manager = Servers(data, base, module_env, configurations(pki))
     seeding = manager.start()
     try:
-        result = subprocess.run(
-            [os.path.join(bindir, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", seeding.socket_dir,
-             "-p", str(seeding.port), "-U", "postgres", "-d", "postgres", "-f", "-"],
-            input=SEED_SQL, capture_output=True, text=True, timeout=120, env=module_env)
+        result = psql_script(bindir, seeding, SEED_SQL, module_env)
         assert result.returncode == 0, result.stderr
     finally:
         manager.stop()

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import certs
-from conftest import Pgfast, chown_tree, db_account, free_port, psql, run_pgfast
+from conftest import Pgfast, chown_tree, db_account, free_port, psql, psql_script, run_pgfast
 from pgfast.catalog import CACHE_SECONDS
 
 PASSWORDS = {
@@ -204,9 +204,7 @@ def servers(template_cluster, module_dir, module_env, pki, bindir):
     chown_tree(data)
     manager = Servers(data, module_dir, module_env)
     server = manager.use("ecdsa")
-    result = subprocess.run([os.path.join(bindir, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h",
-                             server.socket_dir, "-p", str(server.port), "-U", "postgres", "-d", "postgres", "-f", "-"],
-                            input=SEED_SQL, capture_output=True, text=True, timeout=60, env=module_env)
+    result = psql_script(bindir, server, SEED_SQL, module_env)
     assert result.returncode == 0, result.stderr + server.log
     yield manager
     manager.stop()
