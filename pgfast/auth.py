@@ -63,7 +63,7 @@ class AuthFailed(Exception):
         self.detail = detail            # for the client and the log (errdetail)
 
 
-def no_hba_entry(info: ClientInfo) -> AuthFailed:
+def _no_hba_entry(info: ClientInfo) -> AuthFailed:
     if info.replication:
         text = (f'no pg_hba.conf entry for replication connection from host "{info.host}", '
                 f'user "{info.user}", {info.encryption}')
@@ -122,7 +122,7 @@ def authorize(rules: HbaRules, ident: IdentMap, info: ClientInfo, roles: frozens
                        user=info.user, replication=info.replication, roles=roles,
                        client_hostname=client_hostname)
     if line is None:
-        raise no_hba_entry(info)
+        raise _no_hba_entry(info)
     if line.method == "reject":
         raise _rejected(info)
     check_client_certificate(line, info, ident)

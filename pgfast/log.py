@@ -9,14 +9,6 @@ import os
 import sys
 import time
 
-LEVELS = ("DEBUG1", "LOG", "WARNING", "FATAL")
-_min_level = 1  # LOG
-
-
-def set_min_level(name: str) -> None:
-    global _min_level
-    _min_level = LEVELS.index(name.upper())
-
 
 def _prefix() -> str:
     now = time.time()
@@ -25,8 +17,6 @@ def _prefix() -> str:
 
 
 def emit(level: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
-    if LEVELS.index(level) < _min_level:
-        return
     prefix = _prefix()
     lines = [f"{prefix}{level}:  {message}\n"]
     if detail:
@@ -37,10 +27,6 @@ def emit(level: str, message: str, detail: str | None = None, hint: str | None =
         os.write(sys.stderr.fileno(), "".join(lines).encode("utf-8", "replace"))
     except OSError:
         pass
-
-
-def debug(message: str, **kw) -> None:
-    emit("DEBUG1", message, **kw)
 
 
 def log(message: str, **kw) -> None:

@@ -453,38 +453,6 @@ def server_context_factory():
     return make
 
 
-def _shuttle(src: SSL.Connection, dst: SSL.Connection) -> None:
-    try:
-        dst.bio_write(src.bio_read(1 << 20))
-    except SSL.WantReadError:
-        pass
-
-
-def handshake(server_ctx: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
-    server = SSL.Connection(server_ctx, None)
-    server.set_accept_state()
-    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-    client.set_connect_state()
-    done = set()
-    for _ in range(10):
-        for name, side in (("client", client), ("server", server)):
-            try:
-                side.do_handshake()
-                done.add(name)
-            except SSL.WantReadError:
-                pass
-        _shuttle(client, server)
-        _shuttle(server, client)
-        if done == {"client", "server"}:
-            break
-    assert done == {"client", "server"}
-    try:    # TLS 1.3 session tickets the client has not read yet
-        client.recv(1)
-    except SSL.WantReadError:
-        pass
-    return server, client
-
-
 PUMP_MAKERS = {"cython": _openssl.make_pump, "reference": ref.make_pump}
 VERSIONS = [pytest.param(SSL.TLS1_3_VERSION, id="tls1.3"), pytest.param(SSL.TLS1_2_VERSION, id="tls1.2")]
 
@@ -518,7 +486,7 @@ def sessions(request, server_context_factory):
     ctx = server_context_factory(request.param)
     result = {}
     for name, make in PUMP_MAKERS.items():
-        server, client = handshake(ctx)
+        server, client = ref.handshake_in_memory(ctx)
         result[name] = (make(server), client)
     return result
 
@@ -653,6 +621,6 @@ def test_tls_error_names_this_connections_failure_not_a_stale_one(sessions, tmp_
 
 
 def test_reference_pump_has_the_cython_constructor(server_context_factory):
-    server, _ = handshake(server_context_factory(SSL.TLS1_3_VERSION))
+    server, _ = ref.handshake_in_memory(server_context_factory(SSL.TLS1_3_VERSION))
     pump = ref.TLSPump(server, 1, 2, 3)
     assert not pump.peer_closed and pump.pending_ciphertext() == b""

@@ -293,3 +293,37 @@ class TLSPump:
 def make_pump(conn: SSL.Connection) -> TLSPump:
     """The counterpart of pgfast._openssl.make_pump."""
     return TLSPump(conn)
+
+
+def _shuttle(src: SSL.Connection, dst: SSL.Connection) -> None:
+    try:
+        dst.bio_write(src.bio_read(1 << 20))
+    except SSL.WantReadError:
+        pass
+
+
+def handshake_in_memory(server_ctx: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
+    """(server, client) pyOpenSSL connections over memory BIOs, handshaken, the client's
+    session tickets read: what the oracle tests and the micro-benchmarks start from."""
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    done = set()
+    for _ in range(10):
+        for name, side in (("client", client), ("server", server)):
+            try:
+                side.do_handshake()
+                done.add(name)
+            except SSL.WantReadError:
+                pass
+        _shuttle(client, server)
+        _shuttle(server, client)
+        if done == {"client", "server"}:
+            break
+    assert done == {"client", "server"}
+    try:    # TLS 1.3 session tickets the client has not read yet
+        client.recv(1)
+    except SSL.WantReadError:
+        pass
+    return server, client

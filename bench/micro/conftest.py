@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from micro_support import THROUGHPUT
+from micro_support import THROUGHPUT, reference
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -41,13 +41,6 @@ def _server_context() -> SSL.Context:
     return ctx
 
 
-def _shuttle(src: SSL.Connection, dst: SSL.Connection) -> None:
-    try:
-        dst.bio_write(src.bio_read(1 << 20))
-    except SSL.WantReadError:
-        pass
-
-
 @pytest.fixture(scope="session")
 def server_context() -> SSL.Context:
     return _server_context()
@@ -56,21 +49,4 @@ def server_context() -> SSL.Context:
 @pytest.fixture
 def tls_pair(server_context):
     """(server Connection, client Connection) after a TLS 1.3 handshake in memory."""
-    server = SSL.Connection(server_context, None)
-    server.set_accept_state()
-    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-    client.set_connect_state()
-    done = set()
-    for _ in range(10):
-        for label, side in (("client", client), ("server", server)):
-            try:
-                side.do_handshake()
-                done.add(label)
-            except SSL.WantReadError:
-                pass
-        _shuttle(client, server)
-        _shuttle(server, client)
-        if done == {"client", "server"}:
-            break
-    assert done == {"client", "server"}
-    return server, client
+    return reference.handshake_in_memory(server_context)
