@@ -4,7 +4,8 @@
 # loop through the TLS pump to the other socket without running Python code; the
 # Python session object is called only when a side ends.
 
-from pgfast._wire cimport MessageScanner, TLSPump
+from pgfast._framing cimport MessageScanner
+from pgfast._pump cimport TLSPump
 
 
 cdef class Relay:
@@ -13,7 +14,7 @@ cdef class Relay:
     cdef object _client_write         # bound transport.write, looked up once
     cdef object _backend_write
     cdef TLSPump _pump                # None for a client without TLS
-    cdef object _session              # told when a side ends: see server.ClientConnection
+    cdef object _session              # told when a side ends: see client.ClientConnection
     cdef readonly MessageScanner client_stream
     cdef readonly MessageScanner backend_stream
     cdef readonly bint client_done    # Terminate or close_notify seen: nothing more to relay
@@ -22,7 +23,7 @@ cdef class Relay:
     cpdef forward_client(self, bytes data)
     cdef _finish(self)
     cpdef from_backend(self, bytes data)
-    cpdef bint backend_idle(self)
+    cpdef bint backend_clean(self)
 
 
 cdef class ClientSide:

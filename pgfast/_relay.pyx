@@ -1,7 +1,8 @@
 # cython: language_level=3
 """The relay between a client and a backend (see _relay.pxd)."""
 
-from pgfast._wire import ProtocolViolation, TLSError
+from pgfast._framing import ProtocolViolation
+from pgfast._pump import TLSError
 
 
 cdef class Relay:
@@ -63,13 +64,21 @@ cdef class Relay:
             self._session.backend_failed(exc)
             return
         if self._pump is not None:
-            data = self._pump.encrypt(data)
+            try:
+                data = self._pump.encrypt(data)
+            except TLSError as exc:
+                self._session.client_failed(exc)
+                return
         self._client_write(data)
 
-    cpdef bint backend_idle(self):
-        """Every request answered, no transaction open, nothing half-sent: the backend
-        can serve another client after a reset."""
-        return (self.client_stream.requests == self.backend_stream.readies
+    cpdef bint backend_clean(self):
+        """Provably idle, so it may serve another client after a reset (PgBouncer's rule):
+        every message the client sent is covered by a request that has had its
+        ReadyForQuery, the last of which said idle (no transaction open), and neither
+        stream stops inside a message. Anything else is work in flight, and a backend
+        with work in flight is closed, never reused."""
+        return (self.client_stream.trailing == 0
+                and self.client_stream.requests == self.backend_stream.readies
                 and self.backend_stream.tx_status == b'I'
                 and self.client_stream.at_boundary and self.backend_stream.at_boundary)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import pwd
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,7 @@ from scramp.core import ServerError
 
 from . import log, messages
 from .catalog import Credentials
+from .errors import Refused
 from .hba import HbaLine, HbaRules, IdentMap
 from .passwords import (SCRAM, SCRAM_PLUS, ScramServer, check_plain_password, is_md5, md5_salted, mock_scram,
                         parse_scram)
@@ -23,7 +25,7 @@ from .passwords import (SCRAM, SCRAM_PLUS, ScramServer, check_plain_password, is
 PASSWORD_METHODS = frozenset({"password", "md5", "scram-sha-256"})
 # Methods pgfast can honour at the front; any other pg_hba.conf method is a start-up
 # error rather than something quietly weakened.
-SUPPORTED_METHODS = frozenset({"trust", "reject", "cert"}) | PASSWORD_METHODS
+SUPPORTED_METHODS = frozenset({"trust", "reject", "cert", "peer"}) | PASSWORD_METHODS
 # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: the longest password or SASL message accepted
 MAX_AUTH_TOKEN_LENGTH = 65535
 
@@ -54,13 +56,8 @@ class ClientInfo:
         return "SSL encryption" if self.ssl else "no encryption"
 
 
-class AuthFailed(Exception):
-    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None, detail: str | None = None):
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.log_detail = log_detail    # for the server log only (PostgreSQL's errdetail_log)
-        self.detail = detail            # for the client and the log (errdetail)
+class AuthFailed(Refused):
+    """pg_hba.conf or an authentication exchange said no."""
 
 
 def _no_hba_entry(info: ClientInfo) -> AuthFailed:
@@ -112,6 +109,22 @@ def check_client_certificate(line: HbaLine, info: ClientInfo, ident: IdentMap) -
     # PostgreSQL logs the reason and tells the client that the line's method (trust) failed
     log.log(f'certificate validation (clientcert=verify-full) failed for user "{info.user}": CN mismatch')
     raise AuthFailed("28000", f'"{line.method}" authentication failed for user "{info.user}"', detail)
+
+
+def check_peer(line: HbaLine, info: ClientInfo, ident: IdentMap, peer_uid: int | None) -> None:
+    """The peer method (PostgreSQL's auth_peer): the operating-system user at the other end
+    of the Unix socket must be the database user, or map to it through pg_ident.conf."""
+    failed = f'Peer authentication failed for user "{info.user}"'
+    if peer_uid is None:
+        log.log("peer authentication is not supported on this platform")
+        raise AuthFailed("28000", failed, _line_context(line))
+    try:
+        system_user = pwd.getpwuid(peer_uid).pw_name
+    except KeyError:
+        log.log(f"could not look up local user ID {peer_uid}: user does not exist")
+        raise AuthFailed("28000", failed, _line_context(line)) from None
+    if not ident.check(line.map, system_user, info.user):     # logs why not
+        raise AuthFailed("28000", failed, _line_context(line))
 
 
 def authorize(rules: HbaRules, ident: IdentMap, info: ClientInfo, roles: frozenset[str] | None,
@@ -208,7 +221,10 @@ async def _md5_exchange(exchange: Exchange, secret: str | None) -> bool:
     salt = os.urandom(4)
     exchange.send(_request(_AUTH_MD5, salt))
     response = await _password_text(exchange)
-    return secret is not None and hmac.compare_digest(response.encode(), md5_salted(secret, salt).encode())
+    # bytes, not text: a client may send anything, and whatever it sends is a wrong answer
+    # unless it is exactly the expected one
+    expected = md5_salted(secret, salt).encode() if secret is not None else b""
+    return secret is not None and hmac.compare_digest(response.encode("utf-8", "surrogateescape"), expected)
 
 
 async def _password_text(exchange: Exchange) -> str:

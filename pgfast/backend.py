@@ -4,21 +4,30 @@ PostgreSQL behind pgfast trusts only that socket, so a backend session starts wi
 client's own StartupMessage parameters and no authentication exchange; pgfast has
 already authenticated the client at the front.
 
-While a client uses a backend, the relay (pgfast._relay) is the protocol of the
-backend's transport; this class handles the rest of its life: start-up, the reset
-between clients, and idling in the pool.
+A backend's life is an explicit state machine, changed only in _set_state():
+
+    STARTING -> SERVING -> RESETTING -> IDLE -> SERVING ...
+                                     -> CLOSING -> CLOSED (from any; CLOSED once PostgreSQL has let go)
+
+While SERVING, the relay (pgfast._relay) is the protocol of the transport; in the
+other states this class is, and a reply (start-up, reset) is awaited by exactly one
+task, the one that owns the backend in that state.
 """
 from __future__ import annotations
 
 import asyncio
+import enum
 import struct
 import time
 
 from . import messages
-from ._wire import ReadBuffer
+from ._framing import ReadBuffer
 
 # Start-up and reset replies are small; anything near this is a broken peer.
 _MESSAGE_LIMIT = 1 << 20
+# A cancel is forwarded when the postmaster has closed the cancel connection: it has
+# then signalled the backend. Beyond this, give up waiting (and do not reuse the backend).
+CANCEL_TIMEOUT = 5.0
 
 
 class BackendRefused(Exception):
@@ -30,23 +39,53 @@ class BackendRefused(Exception):
         self.fields = fields
 
 
+class BackendState(enum.Enum):
+    STARTING = "starting"      # startup packet sent, waiting for ReadyForQuery
+    SERVING = "serving"        # a client's (the relay holds the transport)
+    RESETTING = "resetting"    # the pool runs the reset query
+    IDLE = "idle"              # in the pool
+    CLOSING = "closing"        # Terminate sent; PostgreSQL still holds the slot
+    CLOSED = "closed"          # PostgreSQL closed its end: the backend process is gone
+
+
+_ALLOWED = {
+    BackendState.STARTING: {BackendState.SERVING, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.SERVING: {BackendState.RESETTING, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.RESETTING: {BackendState.IDLE, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.IDLE: {BackendState.SERVING, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.CLOSING: {BackendState.CLOSED},
+    BackendState.CLOSED: set(),
+}
+
+
 class BackendConnection(asyncio.Protocol):
 
-    def __init__(self) -> None:
+    def __init__(self, on_closed=None) -> None:
         self.transport: asyncio.Transport | None = None
+        self.state = BackendState.STARTING
         self.pid = 0
         self.secret_key = 0
         self.parameters: dict[str, str] = {}     # ParameterStatus values, as the client must see them
         self.notices: list[bytes] = []           # NoticeResponses sent during start-up
         self.created = time.monotonic()
         self.idle_since = 0.0
-        self.pool_key: tuple | None = None
+        self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
-        self.closed = False
+        self.cancels: set[asyncio.Task] = set()  # cancel requests being forwarded to it
+        self._on_closed = on_closed              # told once PostgreSQL has let go
         self._inbuf = ReadBuffer()
         self._reply: asyncio.Future | None = None   # start-up or reset, until ReadyForQuery
         self._error: dict[str, str] | None = None
-        self._gone: asyncio.Future | None = None    # retire() waits here for PostgreSQL to let go
+        self._gone: asyncio.Future | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.state in (BackendState.CLOSING, BackendState.CLOSED)
+
+    def _set_state(self, new: BackendState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"backend {self.pid} cannot go from {self.state.name} to {new.name}")
+        self.state = new
 
     # --- asyncio.Protocol (when no relay holds the transport) --------------------------
 
@@ -69,11 +108,15 @@ class BackendConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        self.closed = True
-        if self._gone is not None and not self._gone.done():
-            self._gone.set_result(None)
+        if self.state is BackendState.CLOSED:
+            return
+        self._set_state(BackendState.CLOSED)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(ConnectionError("PostgreSQL closed the connection"))
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+        if self._on_closed is not None:
+            self._on_closed(self)
 
     # --- replies: start-up and reset ---------------------------------------------------
 
@@ -102,59 +145,73 @@ class BackendConnection(asyncio.Protocol):
             elif msg_type == ord("Z"):
                 self._reply.set_result(self._inbuf.take_all())
 
-    async def _await_reply(self) -> bytes:
+    def _request(self, data: bytes) -> asyncio.Future:
+        """Send a request and return the future its reply (up to ReadyForQuery) completes.
+        The future exists before the request leaves, so no reply can arrive unexpected."""
         self._reply = asyncio.get_running_loop().create_future()
         self._error = None
-        return await self._reply
+        self.transport.write(data)
+        return self._reply
 
-    async def reset(self, query: str) -> None:
-        """Run the reset query (DISCARD ALL) and take note of the settings it reports."""
-        self.transport.write(messages.message(b"Q", query.encode() + b"\0"))
-        leftover = await self._await_reply()
+    async def reset(self, query: str, timeout: float) -> None:
+        """Run the reset query (DISCARD ALL); raises if it fails or takes longer than timeout."""
+        self._set_state(BackendState.RESETTING)
+        leftover = await asyncio.wait_for(self._request(messages.message(b"Q", query.encode() + b"\0")), timeout)
         if self._error is not None or leftover:
             raise ConnectionError(f"reset query failed: {self._error.get('M') if self._error else 'extra data'}")
 
-    # --- the rest ------------------------------------------------------------------------
+    # --- ownership -----------------------------------------------------------------------
 
-    def attach(self, protocol) -> None:
-        """Hand the transport to the relay."""
+    def serve(self, protocol) -> None:
+        """Hand the transport to a client's relay."""
+        self._set_state(BackendState.SERVING)
         self.transport.set_protocol(protocol)
 
-    def detach(self) -> None:
-        """Take the transport back from the relay."""
-        self.transport.set_protocol(self)
-        self.transport.resume_reading()
+    def take_back(self) -> None:
+        """Take the transport back from the relay, for the pool."""
+        if not self.closed:
+            self.transport.set_protocol(self)
+            self.transport.resume_reading()
+
+    def park(self) -> None:
+        self._set_state(BackendState.IDLE)
+        self.idle_since = time.monotonic()
+
+    def attach(self, protocol) -> None:
+        """For a backend pgfast itself talks to (the catalog session)."""
+        self._set_state(BackendState.SERVING)
+        self.transport.set_protocol(protocol)
 
     def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
+        """Terminate: PostgreSQL ends the session when it reads this (or the end of the
+        connection), and the slot is free once it closes its end (connection_lost)."""
+        if self.closed:
+            return
+        self._set_state(BackendState.CLOSING)
+        if self.transport is not None:
             self.transport.write(messages.message(b"X", b""))
             self.transport.close()
 
-    async def retire(self, timeout: float = 5.0) -> None:
-        """Terminate, and wait until PostgreSQL closes its end: the backend process has
-        then given its connection slot back (its socket outlives ProcKill)."""
-        if self.closed or self.transport is None:
+    async def closed_by_postgres(self, timeout: float) -> None:
+        """Wait (at most timeout) until PostgreSQL has let this backend go."""
+        if self.state is BackendState.CLOSED:
             return
-        self.closed = True
-        self._gone = asyncio.get_running_loop().create_future()
-        self.transport.write(messages.message(b"X", b""))
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._gone, timeout)
+            await asyncio.wait_for(asyncio.shield(self._gone), timeout)
         except asyncio.TimeoutError:
             pass
-        finally:
-            self.transport.close()
 
 
-async def open_backend(socket_path: str, params: list[tuple[str, str]]) -> tuple[BackendConnection, bytes]:
+async def open_backend(socket_path: str, params: list[tuple[str, str]], on_closed=None
+                       ) -> tuple[BackendConnection, bytes]:
     """A backend session for these StartupMessage parameters, and any bytes it sent
     after its first ReadyForQuery. Raises BackendRefused with PostgreSQL's error."""
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(BackendConnection, socket_path)
-    conn.transport.write(messages.startup_message(params))
+    _, conn = await loop.create_unix_connection(lambda: BackendConnection(on_closed), socket_path)
     try:
-        leftover = await conn._await_reply()
+        leftover = await conn._request(messages.startup_message(params))
     except BaseException:
         conn.close()
         raise
@@ -162,7 +219,11 @@ async def open_backend(socket_path: str, params: list[tuple[str, str]]) -> tuple
 
 
 async def send_cancel(socket_path: str, pid: int, secret_key: int) -> None:
-    _, writer = await asyncio.open_unix_connection(socket_path)
-    writer.write(messages.cancel_request(pid, secret_key))
-    await writer.drain()
-    writer.close()
+    """A CancelRequest for (pid, secret_key), returning once the postmaster has acted on it
+    (it closes the connection after signalling the backend)."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        writer.write(messages.cancel_request(pid, secret_key))
+        await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
+    finally:
+        writer.close()

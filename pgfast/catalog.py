@@ -1,44 +1,58 @@
-"""What pgfast asks PostgreSQL's catalogs: role membership (pg_hba's +group and
-samerole) and login credentials (pg_authid), over the private socket, as the
-cluster's admin role.
+"""What pgfast asks PostgreSQL's catalogs at each login: the role's credentials
+(pg_authid), its memberships (pg_hba's +group and samerole), and the catalog state a
+backend for the role and database would start under, in one query, over the private
+socket, as the cluster's admin role.
 
-One admin session is kept open while it is used (a lookup is then one round trip,
-not a backend start) and closed after a quiet minute. Answers are cached for
-CACHE_SECONDS: a burst of logins by one user costs one query, and a changed
-password or membership takes effect within that time.
+The answers are read afresh for every login (concurrent logins for the same role and
+database share one query in flight), so a changed password, a dropped or renamed role or
+a revoked privilege counts from the next login on, as with PostgreSQL.
+
+One admin session carries every query (a lookup is then one round trip, not a backend
+start) and is closed after a quiet minute. It is a shared channel, so it is built so
+that an answer can only reach the request that asked:
+
+- Requests are pipelined and answered strictly in the order they were sent. Each is one
+  Parse/Bind/Execute/Sync, and PostgreSQL answers each with exactly one ReadyForQuery
+  (after an error it skips to that request's own Sync), so the messages up to the n-th
+  ReadyForQuery are the n-th request's, whoever still waits for them.
+- A waiter that gives up (its client reset the connection mid-login) leaves its request
+  in the queue: the answer is dropped when it comes, never handed to the next request.
+- Every query echoes its parameters in its first columns, and an answer that does not
+  echo the request's own is refused and ends the session.
 """
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from . import log, messages
-from ._wire import ReadBuffer
+from ._framing import ProtocolViolation, ReadBuffer
 from .backend import BackendConnection, BackendRefused, open_backend
 
-CACHE_SECONDS = 1.0
 IDLE_SECONDS = 60.0
 _RESULT_LIMIT = 1 << 24
-_CACHE_ENTRIES = 4096
+# where the admin session may live, in order: a cluster may have lost its "postgres"
+# database, and pg_authid is a shared catalog, readable from any database
+ADMIN_DATABASES = ("postgres", "template1")
+_NO_SUCH_DATABASE = {"3D000", "55000"}   # missing, or datallowconn = false
 
-ROLES_OF = ("SELECT r.rolname FROM pg_catalog.pg_roles r "
-            "WHERE pg_catalog.pg_has_role((SELECT u.oid FROM pg_catalog.pg_roles u WHERE u.rolname = $1), "
-            "r.oid, 'MEMBER')")
-CREDENTIALS_OF = ("SELECT rolpassword, rolcanlogin, "
-                  "coalesce(rolvaliduntil < pg_catalog.now(), false) "
-                  "FROM pg_catalog.pg_authid WHERE rolname = $1")
-
-# What PostgreSQL checks, or applies, when a backend starts for a role and database;
-# a pooled backend that started under other values must not serve (see pool.py).
-SESSION_RULES_OF = (
-    "SELECT r.rolcanlogin, r.rolconnlimit, d.datallowconn, d.datconnlimit, "
-    "pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT'), "
+LOGIN_FACTS = (
+    "SELECT $1::text, $2::text, $3::text, "
+    "r.oid, r.rolpassword, r.rolcanlogin, coalesce(r.rolvaliduntil < pg_catalog.now(), false), r.rolconnlimit, "
+    "d.oid, d.datallowconn, d.datconnlimit, pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT'), "
     "(SELECT pg_catalog.string_agg(s.setdatabase::text || '/' || s.setrole::text || '='"
     " || pg_catalog.array_to_string(s.setconfig, ','), ';' ORDER BY s.setdatabase, s.setrole)"
-    " FROM pg_catalog.pg_db_role_setting s WHERE s.setdatabase IN (0, d.oid) AND s.setrole IN (0, r.oid)) "
-    "FROM pg_catalog.pg_roles r, pg_catalog.pg_database d WHERE r.rolname = $1 AND d.datname = $2")
+    " FROM pg_catalog.pg_db_role_setting s WHERE s.setdatabase IN (0, d.oid) AND s.setrole IN (0, r.oid)), "
+    "CASE WHEN $3 = 'roles' THEN (SELECT pg_catalog.array_to_json(pg_catalog.array_agg(m.rolname))::text"
+    " FROM pg_catalog.pg_roles m WHERE pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')) END "
+    "FROM (SELECT) AS one "
+    "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = $1 "
+    "LEFT JOIN pg_catalog.pg_database d ON d.datname = $2")
 
 
 class CatalogError(Exception):
@@ -47,7 +61,11 @@ class CatalogError(Exception):
 
 @dataclass(frozen=True)
 class SessionRules:
-    """The catalog state a backend for (role, database) starts under."""
+    """The catalog state a backend for (role, database) starts under: the role's and the
+    database's OIDs (a pooled backend belongs to a role, not to a role's name), login and
+    connect rights, connection limits and ALTER ROLE/DATABASE ... SET settings."""
+    role_oid: str
+    database_oid: str
     values: tuple[str | None, ...]
 
     @property
@@ -63,6 +81,16 @@ class Credentials:
     secret: str | None       # pg_authid.rolpassword: SCRAM verifier, md5 hash or NULL
     can_login: bool
     expired: bool            # rolvaliduntil has passed
+
+    def __repr__(self) -> str:   # never the secret, wherever this ends up
+        return f"Credentials(secret={'set' if self.secret else None}, can_login={self.can_login})"
+
+
+@dataclass(frozen=True)
+class LoginFacts:
+    credentials: Credentials | None       # None: no such role
+    roles: frozenset[str] | None          # every role the user is a member of; None if not asked
+    session_rules: SessionRules | None    # None: no such role or no such database
 
 
 def _extended_query(sql: str, params: list[str]) -> bytes:
@@ -93,128 +121,219 @@ def _data_row(payload: bytes) -> tuple[str | None, ...]:
     return tuple(values)
 
 
-class _AdminSession(asyncio.Protocol):
-    """The protocol of the backend session pgfast queries through."""
+class _Request:
+    __slots__ = ("params", "future", "rows", "error")
 
-    def __init__(self, backend: BackendConnection):
+    def __init__(self, params: tuple[str, ...], future: asyncio.Future):
+        self.params = params
+        self.future = future
+        self.rows: list[tuple[str | None, ...]] = []
+        self.error: dict[str, str] | None = None
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"            # answering requests in order
+    RETIRING = "retiring"    # answers what is queued, takes nothing new, then closes
+    CLOSED = "closed"        # gone: every queued request has failed
+
+
+class CatalogSession(asyncio.Protocol):
+    """The protocol of the backend session pgfast queries through (see the module doc)."""
+
+    def __init__(self, backend: BackendConnection, database: str):
         self.backend = backend
-        self.lost = False
+        self.database = database
+        self.state = SessionState.OPEN
         self._buffer = ReadBuffer()
-        self._rows: list[tuple[str | None, ...]] = []
-        self._error: dict[str, str] | None = None
-        self._done: asyncio.Future | None = None
+        self._queue: deque[_Request] = deque()
+        self.idle_since = time.monotonic()
         backend.attach(self)
 
-    async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
-        self._rows, self._error = [], None
-        self._done = asyncio.get_running_loop().create_future()
-        self.backend.transport.write(_extended_query(sql, params))
-        await self._done
-        if self._error:
-            raise CatalogError(self._error.get("M", "catalog query failed"))
-        return self._rows
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def _set_state(self, new: SessionState, reason: str | None = None) -> None:
+        if self.state is SessionState.CLOSED or new is self.state:
+            return
+        self.state = new
+        if new is SessionState.RETIRING and not self._queue:
+            new = self.state = SessionState.CLOSED
+        if new is SessionState.CLOSED:
+            self.backend.close()
+            failure = CatalogError(reason or "pgfast closed its catalog session")
+            while self._queue:
+                request = self._queue.popleft()
+                if not request.future.done():
+                    request.future.set_exception(failure)
+
+    def request(self, sql: str, params: tuple[str, ...]) -> asyncio.Future:
+        """A future for the rows of this query; its first columns must echo params."""
+        if self.state is not SessionState.OPEN:
+            raise CatalogError("pgfast's catalog session is closing")
+        request = _Request(params, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self.backend.transport.write(_extended_query(sql, list(params)))
+        return request.future
+
+    def retire(self) -> None:
+        self._set_state(SessionState.RETIRING)
+
+    def close(self, reason: str | None = None) -> None:
+        self._set_state(SessionState.CLOSED, reason)
 
     def data_received(self, data: bytes) -> None:
         self._buffer.feed_data(data)
-        while True:
-            msg = self._buffer.take_message(_RESULT_LIMIT)
-            if msg is None:
-                return
-            msg_type, payload = msg
-            if msg_type == ord("D"):
-                self._rows.append(_data_row(payload))
-            elif msg_type == ord("E"):
-                self._error = messages.parse_error_fields(payload)
-            elif msg_type == ord("Z") and self._done is not None and not self._done.done():
-                self._done.set_result(None)
+        try:
+            while self.state is not SessionState.CLOSED:
+                msg = self._buffer.take_message(_RESULT_LIMIT)
+                if msg is None:
+                    return
+                self._on_message(*msg)
+        except (ProtocolViolation, CatalogError, struct.error, ValueError) as exc:
+            log.log(f"pgfast closed its catalog session: {exc}")
+            self.close(f"pgfast's catalog session broke: {exc}")
+
+    def _on_message(self, msg_type: int, payload: bytes) -> None:
+        if msg_type in (ord("N"), ord("S"), ord("A")):
+            return          # notices, parameter changes, notifications: no one's answer
+        if not self._queue:
+            # PostgreSQL speaks unasked only to say it is ending the session
+            fields = messages.parse_error_fields(payload) if msg_type == ord("E") else {}
+            raise CatalogError(fields.get("M", f"unexpected message {chr(msg_type)!r}"))
+        request = self._queue[0]
+        if msg_type == ord("D"):
+            request.rows.append(_data_row(payload))
+        elif msg_type == ord("E"):
+            request.error = messages.parse_error_fields(payload)
+        elif msg_type == ord("Z"):
+            self._complete(self._queue.popleft())
+
+    def _complete(self, request: _Request) -> None:
+        self.idle_since = time.monotonic()
+        echo = len(request.params)
+        if request.error is None and any(row[:echo] != request.params for row in request.rows):
+            failure = CatalogError("an answer did not echo its request's parameters")
+            if not request.future.done():
+                request.future.set_exception(failure)
+            raise failure
+        if not request.future.done():      # done: its waiter gave up; the answer is dropped
+            if request.error is not None:
+                request.future.set_exception(CatalogError(request.error.get("M", "catalog query failed")))
+            else:
+                request.future.set_result(request.rows)
+        if self.state is SessionState.RETIRING and not self._queue:
+            self._set_state(SessionState.CLOSED)
 
     def eof_received(self):
         return False
 
     def connection_lost(self, exc) -> None:
-        self.lost = True
-        if self._done is not None and not self._done.done():
-            self._done.set_exception(CatalogError("PostgreSQL closed pgfast's catalog session"))
-
-    def close(self) -> None:
-        self.backend.close()
+        self.backend.connection_lost(exc)
+        self._set_state(SessionState.CLOSED, "PostgreSQL closed pgfast's catalog session")
 
 
 class Catalog:
-    def __init__(self, backend_socket: str, admin_user: str, database: str = "postgres"):
+    def __init__(self, backend_socket: str, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES):
         self._socket = backend_socket
         self._admin_user = admin_user
-        self._database = database
-        self._cache: dict[tuple, tuple[float, object]] = {}
-        self._session: _AdminSession | None = None
-        self._lock = asyncio.Lock()
+        self._databases = databases
+        self._session: CatalogSession | None = None
+        self._opening: asyncio.Task | None = None
+        self._inflight: dict[tuple[str, ...], asyncio.Future] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
 
-    async def _open_session(self) -> _AdminSession:
-        try:
-            backend, _ = await open_backend(self._socket, [
-                ("user", self._admin_user), ("database", self._database), ("application_name", "pgfast")])
-        except BackendRefused as refusal:
-            raise CatalogError(f'pgfast could not read the catalogs as "{self._admin_user}": {refusal}') from None
-        return _AdminSession(backend)
-
-    async def query(self, sql: str, params: list[str]) -> list[tuple[str | None, ...]]:
-        async with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            if self._session is None or self._session.lost:
-                self._session = await self._open_session()
+    async def _open_session(self) -> CatalogSession:
+        refusal = None
+        for database in self._databases:
             try:
-                return await self._session.query(sql, params)
-            finally:
-                self._idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.close)
+                backend, _ = await open_backend(self._socket, [
+                    ("user", self._admin_user), ("database", database), ("application_name", "pgfast")])
+            except BackendRefused as exc:
+                refusal = exc
+                if exc.fields.get("C") in _NO_SUCH_DATABASE:
+                    continue
+                break
+            return CatalogSession(backend, database)
+        raise CatalogError(f'pgfast could not read the catalogs as "{self._admin_user}": {refusal}')
+
+    async def _current_session(self) -> CatalogSession:
+        while self._session is None or self._session.state is not SessionState.OPEN:
+            if self._opening is None:
+                self._opening = asyncio.get_running_loop().create_task(self._open_session())
+                self._opening.add_done_callback(self._on_opened)
+            # shielded: a waiter that gives up must not stop the session opening for the others
+            await asyncio.shield(self._opening)
+        return self._session
+
+    def _on_opened(self, task: asyncio.Task) -> None:
+        self._opening = None
+        if not task.cancelled() and task.exception() is None:
+            self._session = task.result()
+            self._schedule_idle_check()
+        elif not task.cancelled():
+            task.exception()    # retrieved: each waiter has it already
+
+    def _schedule_idle_check(self) -> None:
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        session = self._session
+        if session is None or session.state is not SessionState.OPEN:
+            return
+        if not session.busy and time.monotonic() - session.idle_since >= IDLE_SECONDS:
+            self._session = None
+            session.close()
+        else:
+            self._schedule_idle_check()
+
+    async def query(self, sql: str, params: tuple[str, ...]) -> list[tuple[str | None, ...]]:
+        """Rows of sql, whose first columns echo params; one query in flight per distinct
+        (sql, params), shared by everyone who asks meanwhile."""
+        key = (sql, *params)
+        future = self._inflight.get(key)
+        if future is None:
+            session = await self._current_session()
+            future = session.request(sql, params)
+            self._inflight[key] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        # shielded: one waiter giving up must not cancel the answer others wait for
+        return await asyncio.shield(future)
+
+    async def login_facts(self, user: str, database: str, *, roles: bool) -> LoginFacts:
+        rows = await self.query(LOGIN_FACTS, (user, database, "roles" if roles else ""))
+        if len(rows) != 1:
+            raise CatalogError(f"the login query returned {len(rows)} rows")
+        (_, _, _, role_oid, secret, can_login, expired, role_limit, database_oid, allow, database_limit,
+         connect, settings, memberships) = rows[0]
+        credentials = None if role_oid is None else Credentials(secret, can_login == "t", expired == "t")
+        member_of = None
+        if roles:
+            member_of = frozenset(json.loads(memberships)) if memberships else frozenset()
+        rules = None
+        if role_oid is not None and database_oid is not None:
+            rules = SessionRules(role_oid, database_oid,
+                                 (can_login, role_limit, allow, database_limit, connect, settings))
+        return LoginFacts(credentials, member_of, rules)
+
+    def let_go(self) -> None:
+        """Leave the database the session is on (a client sent database DDL, which that
+        session could block): the session ends once what is queued is answered."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.retire()
 
     def close(self) -> None:
-        if self._session is not None and not self._session.lost:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._session is not None:
             self._session.close()
         self._session = None
-
-    async def _cached(self, key: tuple, compute):
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and now - hit[0] < CACHE_SECONDS:
-            return hit[1]
-        value = await compute()
-        if len(self._cache) > _CACHE_ENTRIES:
-            self._cache = {k: v for k, v in self._cache.items() if now - v[0] < CACHE_SECONDS}
-        self._cache[key] = (now, value)
-        return value
-
-    async def roles_of(self, user: str) -> frozenset[str]:
-        """Every role `user` is a member of, directly or not, itself included;
-        empty when no such role exists."""
-        async def compute():
-            return frozenset(row[0] for row in await self.query(ROLES_OF, [user]))
-        return await self._cached(("roles_of", user), compute)
-
-    def cached_session_rules(self, user: str, database: str) -> SessionRules | None:
-        """session_rules() when a fresh answer that names a role and database is cached."""
-        hit = self._cache.get(("session_rules", user, database))
-        if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
-            return hit[1]
-        return None
-
-    async def session_rules(self, user: str, database: str) -> SessionRules | None:
-        """None when the role or the database does not exist."""
-        async def compute():
-            rows = await self.query(SESSION_RULES_OF, [user, database])
-            return SessionRules(rows[0]) if rows else None
-        return await self._cached(("session_rules", user, database), compute)
-
-    async def credentials(self, user: str) -> Credentials | None:
-        """The role's login credentials; None when no such role exists."""
-        async def compute():
-            rows = await self.query(CREDENTIALS_OF, [user])
-            if not rows:
-                return None
-            secret, can_login, expired = rows[0]
-            return Credentials(secret, can_login == "t", expired == "t")
-        return await self._cached(("credentials", user), compute)
 
 
 _last_failure_logged = float("-inf")

@@ -32,3 +32,16 @@ class PostgresRefused(StartupError):
     def __init__(self, output: str):
         super().__init__("PostgreSQL refused its configuration")
         self.output = output
+
+
+class Refused(Exception):
+    """A client refused before its session starts: a FATAL ErrorResponse worded as
+    PostgreSQL words it, and the real reason for the server log only (log_detail, as
+    PostgreSQL's errdetail_log) apart from what the client may see (detail)."""
+
+    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.log_detail = log_detail
+        self.detail = detail

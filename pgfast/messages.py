@@ -4,7 +4,7 @@ Built once per connection at most, so plain Python is the right tool here.
 """
 import struct
 
-from ._wire import pack_int32
+from ._framing import pack_int32
 
 AUTHENTICATION_OK = b"R" + pack_int32(8) + pack_int32(0)
 READY_IDLE = b"Z" + pack_int32(5) + b"I"
@@ -36,8 +36,8 @@ def parameter_status(name: str, value: str) -> bytes:
     return message(b"S", name.encode("utf-8", "surrogateescape") + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0")
 
 
-def backend_key_data(pid: int, key: int) -> bytes:
-    return message(b"K", struct.pack("!iI", pid, key))
+def backend_key_data(pid: int, key: bytes) -> bytes:
+    return message(b"K", struct.pack("!i", pid) + key)
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:

@@ -1,12 +1,19 @@
 """Session pooling: backends kept after their client leaves and handed to the next
-client that starts a session with the same parameters.
+client that starts a session with the same parameters as the same role.
 
-A backend goes back to the pool only when its client left it idle (every request
-answered, no transaction open); it is then reset with pgfast.server_reset_query
-(DISCARD ALL by default), which returns every setting to the session defaults the
-startup packet gave. The pool key is the whole startup packet, so a reused backend
-has exactly the session defaults a fresh one would have had, and the client is
-greeted with the same ParameterStatus values PostgreSQL would send it.
+A backend goes back to the pool only when it is provably clean (Relay.backend_clean:
+every message its client sent answered by a ReadyForQuery saying idle); any other
+backend is closed, never reset and reused, so nothing a departed client left in flight
+(an uncommitted transaction, a pipeline without Sync, a half-sent COPY) can be
+committed by a reset or seen by the next client. A clean backend is reset with
+pgfast.server_reset_query (DISCARD ALL by default), within a time limit, after every
+cancel forwarded for its previous client has reached PostgreSQL: a late cancel can
+then only hit that client's own work, never the next client's.
+
+The pool key is the role's and the database's OIDs plus the whole startup packet, so a
+reused backend runs as the same role (not merely one with the same name), has exactly
+the session defaults a fresh one would have had, and the client is greeted with the
+same ParameterStatus values PostgreSQL would send it.
 """
 from __future__ import annotations
 
@@ -15,10 +22,13 @@ import time
 from collections import defaultdict
 
 from . import log
-from .backend import BackendConnection, BackendRefused, open_backend
+from .backend import BackendConnection, BackendRefused, open_backend, send_cancel
 from .catalog import SessionRules
 
 _SWEEP_SECONDS = 5.0
+RESET_TIMEOUT = 5.0
+# How long a backend being let go may keep its slot before pgfast stops waiting for it.
+_RETIRE_TIMEOUT = 5.0
 
 
 class Pool:
@@ -31,16 +41,45 @@ class Pool:
         self._lifetime = lifetime
         self._reset_query = reset_query
         self._max_backends = max_backends
+        # every backend that holds a PostgreSQL slot as far as pgfast knows: from its
+        # start until PostgreSQL has closed its end
+        self._backends: set[BackendConnection] = set()
         self._idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
-        self._idle_count = 0
-        self.busy = 0                   # backends serving clients, resetting or starting
+        self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
-        self._retiring: set[asyncio.Task] = set()
 
-    @staticmethod
-    def key(params: list[tuple[str, str]]) -> tuple:
-        return tuple(sorted(params))
+    @property
+    def size(self) -> int:
+        return len(self._backends)
+
+    def _key(self, params: list[tuple[str, str]], rules: SessionRules | None) -> tuple | None:
+        if not self.enabled or rules is None or not rules.poolable:
+            return None
+        return rules.role_oid, rules.database_oid, tuple(sorted(params))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _forget(self, backend: BackendConnection) -> None:
+        self._backends.discard(backend)
+
+    # --- handing backends out -----------------------------------------------------------
+
+    def take_idle(self, params: list[tuple[str, str]], rules: SessionRules | None) -> BackendConnection | None:
+        """An idle backend that started with these parameters under these rules, or None."""
+        key = self._key(params, rules)
+        idle = self._idle.get(key) if key is not None else None
+        now = time.monotonic()
+        while idle:
+            backend = idle.pop()
+            if not backend.closed and now - backend.created < self._lifetime and backend.rules == rules:
+                return backend
+            backend.close()
+        return None
 
     async def acquire(self, params: list[tuple[str, str]], rules: SessionRules | None
                       ) -> tuple[BackendConnection, bytes]:
@@ -49,105 +88,95 @@ class Pool:
 
         rules is the catalog state PostgreSQL would check and apply at start (None:
         unknown, or a session never to pool): an idle backend is reused only if it
-        started under the same, so a role made NOLOGIN, a revoked CONNECT or a new
-        ALTER ROLE ... SET reaches the next client as PostgreSQL would have it."""
+        started under the same, so a role made NOLOGIN, renamed or dropped and created
+        again, a revoked CONNECT or a new ALTER ROLE ... SET reaches the next client as
+        PostgreSQL would have it."""
         backend = self.take_idle(params, rules)
         if backend is not None:
             return backend, b""
-        key = self.key(params)
-        poolable = self.enabled and rules is not None and rules.poolable
-        if self.busy + self._idle_count >= self._max_backends:
+        if self.size >= self._max_backends:
             await self._retire_oldest_idle()
-        self.busy += 1
-        try:
-            while True:
-                try:
-                    backend, leftover = await open_backend(self._socket_path, params)
-                    break
-                except BackendRefused as refusal:
-                    # PostgreSQL is full, at least for this role (superuser_reserved_connections):
-                    # backends idle for other startup packets make room, oldest first
-                    if refusal.fields.get("C") != "53300" or not await self._retire_oldest_idle():
-                        raise
-        except BaseException:
-            self.busy -= 1
-            raise
-        backend.pool_key = key if poolable else None
+        while True:
+            try:
+                backend, leftover = await open_backend(self._socket_path, params, self._forget)
+                break
+            except BackendRefused as refusal:
+                # PostgreSQL is full, at least for this role (superuser_reserved_connections):
+                # backends idle for other startup packets make room, oldest first
+                if refusal.fields.get("C") != "53300" or not await self._retire_oldest_idle():
+                    raise
+        if not backend.closed:
+            self._backends.add(backend)
+        backend.pool_key = self._key(params, rules)
         backend.rules = rules
         return backend, leftover
 
-    def take_idle(self, params: list[tuple[str, str]], rules: SessionRules | None) -> BackendConnection | None:
-        """An idle backend that started with these parameters under these rules, or None."""
-        if not self.enabled or rules is None or not rules.poolable:
-            return None
-        idle = self._idle.get(self.key(params))
-        now = time.monotonic()
-        while idle:
-            backend = idle.pop()
-            self._idle_count -= 1
-            if not backend.closed and now - backend.created < self._lifetime and backend.rules == rules:
-                self.busy += 1
-                return backend
-            backend.close()
-        return None
+    # --- taking them back --------------------------------------------------------------
 
-    def release(self, backend: BackendConnection, idle: bool) -> None:
-        """The client is done with the backend; idle says it left no work in flight."""
-        if self._closing:
-            self.busy -= 1
-            self._retire_soon(backend)
-            return
-        if not idle or backend.pool_key is None or backend.closed or \
-                time.monotonic() - backend.created >= self._lifetime:
-            self.busy -= 1
+    def release(self, backend: BackendConnection, clean: bool) -> None:
+        """The client is done with the backend; clean says it left nothing in flight."""
+        backend.take_back()
+        if (self._closing or not clean or backend.pool_key is None or backend.closed
+                or time.monotonic() - backend.created >= self._lifetime):
             backend.close()
             return
-        asyncio.get_running_loop().create_task(self._reset_and_park(backend))
+        self._spawn(self._reset_and_park(backend))
+
+    def forward_cancel(self, backend: BackendConnection) -> None:
+        """Send PostgreSQL a cancel for what the backend runs; the backend is not reused
+        until PostgreSQL has acted on it."""
+        task = self._spawn(send_cancel(self._socket_path, backend.pid, backend.secret_key))
+        backend.cancels.add(task)
+        task.add_done_callback(lambda t: self._on_cancel_sent(backend, t))
+
+    @staticmethod
+    def _on_cancel_sent(backend: BackendConnection, task: asyncio.Task) -> None:
+        backend.cancels.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.log(f"could not forward cancel request for process {backend.pid}: {task.exception()}")
 
     async def _reset_and_park(self, backend: BackendConnection) -> None:
-        try:
-            await backend.reset(self._reset_query)
-        except Exception as exc:
-            log.log(f"pgfast closed a pooled backend (PID {backend.pid}) whose reset failed: {exc}")
-            backend.close()
+        if backend.cancels:
+            await asyncio.wait(set(backend.cancels))
+        if backend.closed:
             return
-        finally:
-            self.busy -= 1
-        if self._closing:
-            self._retire_soon(backend)
+        try:
+            await backend.reset(self._reset_query, RESET_TIMEOUT)
+        except Exception as exc:
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"failed: {exc}"
+            log.log(f"pgfast closed a pooled backend (PID {backend.pid}) whose reset {reason}")
+            backend.close()
             return
         idle = self._idle[backend.pool_key]
-        if len(idle) >= self._size or backend.closed:
+        if self._closing or backend.closed or len(idle) >= self._size:
             backend.close()
             return
-        backend.idle_since = time.monotonic()
+        backend.park()
         idle.append(backend)
-        self._idle_count += 1
         self._schedule_sweep()
+
+    # --- letting them go ---------------------------------------------------------------
+
+    def _idle_backends(self) -> list[BackendConnection]:
+        return [backend for backends in self._idle.values() for backend in backends]
 
     async def _retire_oldest_idle(self) -> bool:
         """Close the backend idle longest and wait until PostgreSQL has let it go;
         False when none is idle."""
-        oldest = min((b for idle in self._idle.values() for b in idle), key=lambda b: b.idle_since, default=None)
+        oldest = min(self._idle_backends(), key=lambda b: b.idle_since, default=None)
         if oldest is None:
             return False
         self._idle[oldest.pool_key].remove(oldest)
-        self._idle_count -= 1
-        await oldest.retire()
+        oldest.close()
+        await oldest.closed_by_postgres(_RETIRE_TIMEOUT)
         return True
 
     def retire_idle(self) -> None:
         """Let every idle backend go (their sessions would block database DDL)."""
-        idle = [backend for backends in self._idle.values() for backend in backends]
+        idle = self._idle_backends()
         self._idle.clear()
-        self._idle_count = 0
         for backend in idle:
-            self._retire_soon(backend)
-
-    def _retire_soon(self, backend: BackendConnection) -> None:
-        task = asyncio.get_running_loop().create_task(backend.retire())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+            backend.close()
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
@@ -162,12 +191,11 @@ class Pool:
             for backend in idle:
                 if backend not in keep:
                     backend.close()
-            self._idle_count -= len(idle) - len(keep)
             if keep:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
-        if self._idle_count:
+        if self._idle:
             self._schedule_sweep()
 
     def begin_shutdown(self) -> None:
@@ -178,9 +206,16 @@ class Pool:
             self._sweeper = None
         self.retire_idle()
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Wait until PostgreSQL has let go of every backend, so its shutdown finds
-        none of pgfast's sessions to cut short."""
+    async def close(self, timeout: float = 2.0) -> None:
+        """Stop resets and cancels still running, close every backend, and give PostgreSQL
+        a moment to let the idle ones go (a busy one ends with PostgreSQL's own shutdown)."""
         self.begin_shutdown()
-        if self._retiring:
-            await asyncio.wait(set(self._retiring), timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        backends = list(self._backends)
+        for backend in backends:
+            backend.close()
+        if backends:
+            await asyncio.wait([asyncio.ensure_future(b.closed_by_postgres(timeout)) for b in backends])

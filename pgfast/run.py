@@ -21,8 +21,8 @@ from .errors import StartupError
 from .hba import load_hba, load_ident
 from .pool import Pool
 from .postmaster import Postmaster, live_postmaster_pid
-from .server import Frontend
-from .tls import load_server_tls
+from .frontend import Frontend
+from .tls import load_server_tls, self_check
 
 try:
     import uvloop
@@ -70,6 +70,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     _check_not_running(data_dir)
     tls = None
     if settings.ssl:
+        self_check()
         tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
     hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
     ident = load_ident(settings.ident_file)
@@ -124,11 +125,11 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, un
     _watch_postmaster(loop, postmaster, request_stop)
 
     async def main() -> int:
-        frontend = Frontend(settings, hba, ident, tls, postmaster.socket_path, catalog, pool)
+        frontend = Frontend(settings, hba, ident, tls, catalog, pool)
         await frontend.serve(tcp_sockets, unix_sockets)
         log.log("database system is ready to accept connections")
         status = await stopping
-        await frontend.shutdown()
+        await frontend.shutdown("57P01", "terminating connection due to administrator command")
         await pool.close()
         catalog.close()
         return status

@@ -473,18 +473,20 @@ def test_asyncpg_wrong_root_fails_on_the_client(host, wrong_root_cert):
 def test_asyncpg_many_concurrent_connections(hostssl):
     count = 50
 
-    async def one(i: int):
+    async def one(i: int, everyone_connected: asyncio.Barrier):
         conn = await asyncpg.connect(host="127.0.0.1", port=hostssl.port, user="postgres", database="postgres",
                                      ssl="require", timeout=30)
         try:
             pid, total = await conn.fetchrow("select pg_backend_pid(), sum(g) from generate_series(1, $1::int) g",
                                              1000 + i)
+            await everyone_connected.wait()     # open at the same time: no backend can be shared
             return pid, total, _asyncpg_ssl_object(conn) is not None
         finally:
             await conn.close()
 
     async def all_at_once():
-        return await asyncio.gather(*(one(i) for i in range(count)))
+        barrier = asyncio.Barrier(count)
+        return await asyncio.gather(*(one(i, barrier) for i in range(count)))
 
     results = asyncio.run(all_at_once())
     assert [total for _, total, _ in results] == [(1000 + i) * (1001 + i) // 2 for i in range(count)]

@@ -46,7 +46,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import certs
 from conftest import Pgfast, chown_tree, db_account, free_port, psql, psql_script, run_pgfast
-from pgfast.catalog import CACHE_SECONDS
 
 PASSWORDS = {
     "u": "u-secret",
@@ -627,15 +626,12 @@ def test_group_line_with_scram(ecdsa, attempt):
 
 # ================================================================ a changed password
 
-def test_altered_password_takes_effect_within_seconds(ecdsa, attempt, bindir, module_env):
-    assert attempt(ecdsa, "changing", "scramdb", "old-secret") == ok("changing")     # cached now
+def test_altered_password_takes_effect_at_the_next_login(ecdsa, attempt, bindir, module_env):
+    assert attempt(ecdsa, "changing", "scramdb", "old-secret") == ok("changing")
     result = psql(bindir, f"host={ecdsa.socket_dir} port={ecdsa.port} dbname=postgres user=postgres",
                   "ALTER ROLE changing PASSWORD 'new-secret'", module_env)
     assert result.returncode == 0, result.stderr
-    changed = time.monotonic()
-    while attempt(ecdsa, "changing", "scramdb", "new-secret") != ok("changing"):
-        assert time.monotonic() - changed < 3 * CACHE_SECONDS + 1, "the new password never worked"
-        time.sleep(0.1)
+    assert attempt(ecdsa, "changing", "scramdb", "new-secret") == ok("changing")
     assert_refused(attempt(ecdsa, "changing", "scramdb", "old-secret"), failed("changing"), "28P01")
     assert attempt(ecdsa, "changing", "scramdb", "new-secret", client="psql-env") == ok("changing")
 

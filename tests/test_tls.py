@@ -29,7 +29,7 @@ import certs
 from pgfast.config import Settings
 from pgfast.errors import TLSSetupError
 from pgfast.selfsigned import write_self_signed
-from pgfast.tls import alpn_protocol, load_server_tls, peer_certificate_cn, verify_failure
+from pgfast.tls import TLSSession, load_server_tls
 
 REPO = Path(__file__).resolve().parent.parent
 ME = os.geteuid()       # owns the files the tests write, so it is the database user by default
@@ -120,12 +120,14 @@ class Outcome:
     client_flights: int      # how many times the client had to send: 2 for a TLS 1.3 handshake without HRR
 
 
-def handshake(server: SSL.Connection, client: SSL.Connection) -> Outcome:
+def handshake(server: TLSSession | SSL.Connection, client: SSL.Connection) -> Outcome:
     """Run the handshake over the two connections' memory BIOs until neither side can progress.
 
     A TLS 1.3 client finishes before the server has checked its certificate, so it only
     sees the server's alert when it next reads: that read is part of the outcome.
     """
+    if isinstance(server, TLSSession):
+        server = server.connection     # driven by pyOpenSSL here; the callbacks report to the session
     errors: dict[SSL.Connection, Exception | None] = {server: None, client: None}
     finished: set[SSL.Connection] = set()
     flights = 0
@@ -429,7 +431,7 @@ def test_wrong_passphrase_on_terminal(encrypted_key_dir, tmp_path):
 
 def test_session_resumption_compression_and_renegotiation_are_off(data_dir):
     tls = load(data_dir)
-    options = tls.new_connection().set_options(0)
+    options = tls.new_session().connection.set_options(0)
     for option in (SSL.OP_NO_TICKET, SSL.OP_NO_COMPRESSION, SSL.OP_NO_RENEGOTIATION,
                    SSL.OP_CIPHER_SERVER_PREFERENCE):
         assert options & option
@@ -453,7 +455,8 @@ def resumed(new_server_connection) -> bool:
 
 
 def test_sessions_are_never_resumed(data_dir):
-    assert not resumed(load(data_dir).new_connection)
+    tls = load(data_dir)
+    assert not resumed(lambda: tls.new_session().connection)
 
 
 def test_sessions_would_be_resumed_by_openssl_defaults(data_dir):
@@ -468,56 +471,56 @@ def test_sessions_would_be_resumed_by_openssl_defaults(data_dir):
 
 
 def test_protocol_versions_ignore_case(data_dir):
-    server = load(data_dir, ssl_min_protocol_version="tlsv1", ssl_max_protocol_version="TLSV1.2").new_connection()
+    server = load(data_dir, ssl_min_protocol_version="tlsv1", ssl_max_protocol_version="TLSV1.2").new_session()
     assert handshake(server, client_connection()).server_error is None
-    assert server.get_protocol_version_name() == "TLSv1.2"
+    assert server.connection.get_protocol_version_name() == "TLSv1.2"
 
 
 def test_client_cipher_preference_when_asked(data_dir):
-    options = load(data_dir, ssl_prefer_server_ciphers=False).new_connection().set_options(0)
+    options = load(data_dir, ssl_prefer_server_ciphers=False).new_session().connection.set_options(0)
     assert not options & SSL.OP_CIPHER_SERVER_PREFERENCE
 
 
 def test_handshake_without_client_certificate_request(data_dir, ca):
     tls = load(data_dir)
-    server = tls.new_connection()
+    server = tls.new_session()
     client = client_connection(issued=ca.client_cert("alice"))
     outcome = handshake(server, client)
     assert outcome.server_error is None and outcome.client_error is None
     assert client.get_client_ca_list() == []       # no CertificateRequest was sent
-    assert peer_certificate_cn(server) is None
-    assert server.get_protocol_version_name() == "TLSv1.3"
+    assert server.peer_cn() is None
+    assert server.connection.get_protocol_version_name() == "TLSv1.3"
 
 
 def test_default_groups_take_x25519_without_hello_retry(data_dir):
-    server = load(data_dir).new_connection()
+    server = load(data_dir).new_session()
     outcome = handshake(server, client_connection(curves=b"X25519:prime256v1"))
     assert outcome.server_error is None
-    assert server.get_group_name() == "x25519"
+    assert server.connection.get_group_name() == "x25519"
     assert outcome.client_flights == 2
 
 
 def test_prime256v1_only_costs_a_hello_retry(data_dir):
-    server = load(data_dir, ssl_ecdh_curve="prime256v1").new_connection()
+    server = load(data_dir, ssl_ecdh_curve="prime256v1").new_session()
     outcome = handshake(server, client_connection(curves=b"X25519:prime256v1"))
     assert outcome.server_error is None
-    assert server.get_group_name() == "secp256r1"
+    assert server.connection.get_group_name() == "secp256r1"
     assert outcome.client_flights == 3
 
 
 def test_configured_groups_are_enforced(data_dir):
-    server = load(data_dir, ssl_ecdh_curve="prime256v1").new_connection()
+    server = load(data_dir, ssl_ecdh_curve="prime256v1").new_session()
     assert handshake(server, client_connection(curves=b"X25519")).server_error is not None
 
 
 def test_maximum_protocol_version(data_dir):
-    server = load(data_dir, ssl_max_protocol_version="TLSv1.2").new_connection()
+    server = load(data_dir, ssl_max_protocol_version="TLSv1.2").new_session()
     assert handshake(server, client_connection()).server_error is None
-    assert server.get_protocol_version_name() == "TLSv1.2"
+    assert server.connection.get_protocol_version_name() == "TLSv1.2"
 
 
 def test_minimum_protocol_version(data_dir):
-    server = load(data_dir, ssl_min_protocol_version="TLSv1.3").new_connection()
+    server = load(data_dir, ssl_min_protocol_version="TLSv1.3").new_session()
     outcome = handshake(server, client_connection(max_version=SSL.TLS1_2_VERSION))
     assert "unsupported protocol" in reasons(outcome.server_error)
 
@@ -526,31 +529,31 @@ def test_dhe_key_exchange_for_tls12_clients(tmp_path, ca):
     rsa_server = ca.server_cert(key_type="rsa")
     certs.write(tmp_path / "server.crt", rsa_server.chain_pem(), 0o644)
     certs.write(tmp_path / "server.key", rsa_server.key_pem())
-    server = load(tmp_path).new_connection()
+    server = load(tmp_path).new_session()
     # a client naming no FFDHE group leaves the DH group to the server (RFC 7919): PostgreSQL's
     client = client_connection(max_version=SSL.TLS1_2_VERSION, ciphers=b"DHE-RSA-AES256-GCM-SHA384",
                                curves=b"X25519:prime256v1")
     assert handshake(server, client).server_error is None
-    assert server.get_cipher_name() == "DHE-RSA-AES256-GCM-SHA384"
+    assert server.connection.get_cipher_name() == "DHE-RSA-AES256-GCM-SHA384"
 
 
 # ---------------------------------------------------------------- handshakes: ALPN
 
 @pytest.mark.parametrize("offered", [[b"postgresql"], [b"http/1.1", b"postgresql"]])
 def test_alpn_postgresql_is_chosen(data_dir, offered):
-    server = load(data_dir).new_connection()
+    server = load(data_dir).new_session()
     assert handshake(server, client_connection(alpn=offered)).server_error is None
-    assert alpn_protocol(server) == b"postgresql"
+    assert server.alpn() == b"postgresql"
 
 
 def test_no_alpn_offered_is_left_to_the_caller(data_dir):
-    server = load(data_dir).new_connection()
+    server = load(data_dir).new_session()
     assert handshake(server, client_connection()).server_error is None
-    assert alpn_protocol(server) is None
+    assert server.alpn() is None
 
 
 def test_other_alpn_gets_no_application_protocol_alert(data_dir):
-    server = load(data_dir).new_connection()
+    server = load(data_dir).new_session()
     outcome = handshake(server, client_connection(alpn=[b"http/1.1"]))
     assert "no application protocol" in reasons(outcome.server_error)
     assert "alert no application protocol" in reasons(outcome.client_error)
@@ -571,48 +574,47 @@ def load_with_ca(ca_dir: Path, **overrides):
 def test_client_certificate_accepted(ca_dir, ca):
     tls = load_with_ca(ca_dir)
     assert tls.requests_client_cert
-    server, client = tls.new_connection(), client_connection(issued=ca.client_cert("alice"))
+    server, client = tls.new_session(), client_connection(issued=ca.client_cert("alice"))
     outcome = handshake(server, client)
     assert outcome.server_error is None and outcome.client_error is None
     assert [name.CN for name in client.get_client_ca_list()] == ["pgfast test CA"]
-    assert peer_certificate_cn(server) == "alice"
-    assert verify_failure(server) is None
+    assert server.peer_cn() == "alice"
+    assert server.verify_failure_detail() is None
 
 
 def test_no_client_certificate_still_completes(ca_dir):
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     outcome = handshake(server, client_connection())
     assert outcome.server_error is None and outcome.client_error is None
-    assert peer_certificate_cn(server) is None
-    assert verify_failure(server) is None
+    assert server.peer_cn() is None
+    assert server.verify_failure_detail() is None
 
 
 def test_client_certificate_from_foreign_ca(ca_dir):
     foreign = certs.CA("foreign CA").client_cert("mallory")
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     outcome = handshake(server, client_connection(issued=foreign))
     assert "certificate verify failed" in reasons(outcome.server_error)
     assert outcome.client_error is not None
-    assert verify_failure(server) == (
-        "could not accept SSL connection: certificate verify failed",
+    assert server.verify_failure_detail() == (
         "Client certificate verification failed at depth 0: unable to get local issuer certificate.\n"
         f'Failed certificate data (unverified): subject "/CN=mallory", '
         f'serial number {foreign.cert.serial_number}, issuer "/CN=foreign CA".')
 
 
 def test_expired_client_certificate(ca_dir, ca):
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     outcome = handshake(server, client_connection(issued=ca.client_cert("alice", expired=True)))
     assert outcome.server_error is not None
-    assert verify_failure(server)[1].startswith(
+    assert server.verify_failure_detail().startswith(
         "Client certificate verification failed at depth 0: certificate has expired.\n")
 
 
 def test_failed_certificate_names_are_made_safe_for_the_log(ca_dir):
     foreign = certs.CA("Zoë's CA").client_cert("x" * 60 + ",,,\x01")
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     handshake(server, client_connection(issued=foreign))
-    detail = verify_failure(server)[1]
+    detail = server.verify_failure_detail()
     subject = "/CN=" + "x" * 60 + "\\,\\,\\,\\01"
     assert f'subject "...{subject[-68:]}"' in detail       # the last 71 characters
     assert 'issuer "/CN=Zo\\xc3\\xab\'s CA"' in detail
@@ -620,17 +622,17 @@ def test_failed_certificate_names_are_made_safe_for_the_log(ca_dir):
 
 def test_intermediate_ca_sent_by_the_client(ca_dir, ca):
     client_cert = ca.intermediate().client_cert("carol")
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     assert handshake(server, client_connection(issued=client_cert)).server_error is None
-    assert peer_certificate_cn(server) == "carol"
+    assert server.peer_cn() == "carol"
 
 
 def test_intermediate_ca_not_sent_by_the_client(ca_dir, ca):
     client_cert = ca.intermediate().client_cert("carol")
     client_cert.chain = []
-    server = load_with_ca(ca_dir).new_connection()
+    server = load_with_ca(ca_dir).new_session()
     assert handshake(server, client_connection(issued=client_cert)).server_error is not None
-    assert "unable to get local issuer certificate" in verify_failure(server)[1]
+    assert "unable to get local issuer certificate" in server.verify_failure_detail()
 
 
 def test_revoked_client_certificate_with_crl_file(ca_dir, ca):
@@ -638,14 +640,14 @@ def test_revoked_client_certificate_with_crl_file(ca_dir, ca):
     certs.write(ca_dir / "root.crl", ca.crl(revoked=[revoked]), 0o644)
     tls = load_with_ca(ca_dir, ssl_crl_file=str(ca_dir / "root.crl"))
 
-    server = tls.new_connection()
+    server = tls.new_session()
     assert handshake(server, client_connection(issued=revoked)).server_error is not None
-    assert verify_failure(server)[1].startswith(
+    assert server.verify_failure_detail().startswith(
         "Client certificate verification failed at depth 0: certificate revoked.\n")
 
-    server = tls.new_connection()
+    server = tls.new_session()
     assert handshake(server, client_connection(issued=good)).server_error is None
-    assert peer_certificate_cn(server) == "alice"
+    assert server.peer_cn() == "alice"
 
 
 def test_revoked_client_certificate_with_crl_dir_and_intermediate(ca_dir, ca):
@@ -654,19 +656,19 @@ def test_revoked_client_certificate_with_crl_dir_and_intermediate(ca_dir, ca):
     crl_dir = certs.write_crl_dir(ca_dir / "crl", [(ca, ca.crl()), (intermediate, intermediate.crl([revoked]))])
     tls = load_with_ca(ca_dir, ssl_crl_dir=crl_dir)
 
-    server = tls.new_connection()
+    server = tls.new_session()
     assert handshake(server, client_connection(issued=revoked)).server_error is not None
-    assert "certificate revoked" in verify_failure(server)[1]
+    assert "certificate revoked" in server.verify_failure_detail()
 
-    server = tls.new_connection()
+    server = tls.new_session()
     assert handshake(server, client_connection(issued=good)).server_error is None
 
 
 def test_crl_is_required_for_every_ca_in_the_chain(ca_dir, ca):
     crl_dir = certs.write_crl_dir(ca_dir / "crl", [(ca, ca.crl())])
-    server = load_with_ca(ca_dir, ssl_crl_dir=crl_dir).new_connection()
+    server = load_with_ca(ca_dir, ssl_crl_dir=crl_dir).new_session()
     handshake(server, client_connection(issued=ca.intermediate().client_cert("alice")))
-    assert "unable to get certificate CRL" in verify_failure(server)[1]
+    assert "unable to get certificate CRL" in server.verify_failure_detail()
 
 
 # ---------------------------------------------------------------- selfsigned.write_self_signed
@@ -765,13 +767,13 @@ def test_self_signed_owner(tmp_path):
 @pytest.mark.parametrize("key_type", ["ecdsa", "rsa"])
 def test_self_signed_is_its_own_trust_anchor(tmp_path, hostname, key_type):
     write_self_signed(tmp_path / "server.crt", tmp_path / "server.key", key_type=key_type)
-    server = load(tmp_path).new_connection()
+    server = load(tmp_path).new_session().connection
     assert python_ssl_handshake(server, str(tmp_path / "server.crt"), hostname) is None
 
 
 def test_self_signed_does_not_match_other_names(tmp_path):
     write_self_signed(tmp_path / "server.crt", tmp_path / "server.key")
-    server = load(tmp_path).new_connection()
+    server = load(tmp_path).new_session().connection
     error = python_ssl_handshake(server, str(tmp_path / "server.crt"), "db.example.com")
     assert "Hostname mismatch" in error
 

@@ -1,4 +1,4 @@
-"""pgfast._wire against tests/wire_reference.py: the Cython hot path and a pure-Python
+"""pgfast._framing and pgfast._pump against tests/wire_reference.py: the Cython hot path and a pure-Python
 reference must agree on every input, including malformed ones and every way TCP can
 split a stream. Random inputs come from seeded generators (reproducible failures)."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ from OpenSSL import SSL
 
 import certs
 import wire_reference as ref
-from pgfast import _openssl, _wire
+from pgfast import _framing, _pump
 
 _lib = Binding().lib
-IMPLEMENTATIONS = [pytest.param(_wire, id="cython"), pytest.param(ref, id="reference")]
+IMPLEMENTATIONS = [pytest.param(_framing, id="cython"), pytest.param(ref, id="reference")]
 
 
 def outcome(call, *args):
@@ -56,28 +56,28 @@ def splits(data: bytes, rng: random.Random, max_chunk: int | None = None) -> lis
 def test_constants_agree():
     for name in ("STARTUP_MIN_LENGTH", "STARTUP_MAX_LENGTH", "PROTOCOL_3_0", "CANCEL_REQUEST_CODE",
                  "SSL_REQUEST_CODE", "GSSENC_REQUEST_CODE"):
-        assert getattr(_wire, name) == getattr(ref, name), name
-    assert _wire.PROTOCOL_3_0 == 196608
-    assert (_wire.CANCEL_REQUEST_CODE, _wire.SSL_REQUEST_CODE, _wire.GSSENC_REQUEST_CODE) == (
+        assert getattr(_framing, name) == getattr(ref, name), name
+    assert _framing.PROTOCOL_3_0 == 196608
+    assert (_framing.CANCEL_REQUEST_CODE, _framing.SSL_REQUEST_CODE, _framing.GSSENC_REQUEST_CODE) == (
         80877102, 80877103, 80877104)
     # PostgreSQL: len -= 4; refused if len < 4 or len > MAX_STARTUP_PACKET_LENGTH (10000)
-    assert (_wire.STARTUP_MIN_LENGTH, _wire.STARTUP_MAX_LENGTH) == (8, 10004)
+    assert (_framing.STARTUP_MIN_LENGTH, _framing.STARTUP_MAX_LENGTH) == (8, 10004)
 
 
 def test_pack_int32():
     rng = random.Random(1)
     values = [0, 1, 255, 256, 2**31 - 1, 2**31, 2**32 - 1] + [rng.randrange(2**32) for _ in range(200)]
     for value in values:
-        assert _wire.pack_int32(value) == ref.pack_int32(value) == struct.pack("!I", value)
+        assert _framing.pack_int32(value) == ref.pack_int32(value) == struct.pack("!I", value)
     for bad in (-1, 2**32):
-        assert outcome(_wire.pack_int32, bad)[:2] == outcome(ref.pack_int32, bad)[:2] == (
+        assert outcome(_framing.pack_int32, bad)[:2] == outcome(ref.pack_int32, bad)[:2] == (
             "raised", "OverflowError")
 
 
 # ---------------------------------------------------------------- ReadBuffer
 
 def both_buffers():
-    return _wire.ReadBuffer(), ref.ReadBuffer()
+    return _framing.ReadBuffer(), ref.ReadBuffer()
 
 
 def same(buffers, method: str, *args):
@@ -280,7 +280,7 @@ def test_parse_startup_parameters_agree_exhaustively():
     rng = random.Random(3)
     bodies += [bytes(rng.choice(b"\0\0ab=") for _ in range(rng.randint(9, 60))) for _ in range(3000)]
     for body in bodies:
-        assert outcome(_wire.parse_startup_parameters, body) == outcome(ref.parse_startup_parameters, body), body
+        assert outcome(_framing.parse_startup_parameters, body) == outcome(ref.parse_startup_parameters, body), body
 
 
 # ---------------------------------------------------------------- MessageScanner
@@ -291,7 +291,7 @@ def scanner_state(scanner):
 
 def scan_both(chunks: list[bytes]):
     """Scan chunks with both scanners; they must agree after every chunk. Stops at a Terminate."""
-    scanners = _wire.MessageScanner(), ref.MessageScanner()
+    scanners = _framing.MessageScanner(), ref.MessageScanner()
     for chunk in chunks:
         results = [outcome(s.scan, chunk) for s in scanners]
         assert results[0] == results[1], (chunk, results)
@@ -337,7 +337,7 @@ def test_scanner_counts_requests_and_readies(impl):
 def test_scanner_counts_agree_at_every_split():
     for stream, from_client in ((CLIENT_STREAM, True), (BACKEND_STREAM, False)):
         for cut in range(len(stream) + 1):
-            scanners = _wire.MessageScanner(from_client), ref.MessageScanner(from_client)
+            scanners = _framing.MessageScanner(from_client), ref.MessageScanner(from_client)
             for scanner in scanners:
                 scanner.scan(stream[:cut])
                 scanner.scan(stream[cut:])
@@ -357,12 +357,12 @@ DDL_CASES = [
 def test_scanner_notices_database_ddl(msg_type, payload, expected):
     stream = message(msg_type, payload)
     for cut in range(len(stream) + 1):
-        scanners = _wire.MessageScanner(True), ref.MessageScanner(True)
+        scanners = _framing.MessageScanner(True), ref.MessageScanner(True)
         for scanner in scanners:
             scanner.scan(stream[:cut])
             scanner.scan(stream[cut:])
         assert [s.database_ddl for s in scanners] == [expected, expected], cut
-    assert _wire.MessageScanner(False).scan(stream) == -1   # the backend stream is never sniffed
+    assert _framing.MessageScanner(False).scan(stream) == -1   # the backend stream is never sniffed
 
 
 def test_scanner_split_at_every_byte():
@@ -379,7 +379,7 @@ def test_scanner_split_at_every_byte():
 def test_scanner_ready_for_query_status_split_across_chunks():
     rfq = message(b"Z", b"E")
     for cut in range(1, len(rfq)):
-        for impl in (_wire, ref):
+        for impl in (_framing, ref):
             scanner = impl.MessageScanner()
             scanner.scan(message(b"Z", b"I"))
             assert scanner.scan(rfq[:cut]) == -1
@@ -453,7 +453,7 @@ def server_context_factory():
     return make
 
 
-PUMP_MAKERS = {"cython": _openssl.make_pump, "reference": ref.make_pump}
+PUMP_MAKERS = {"cython": _pump.pump_for, "reference": ref.pump_for}
 VERSIONS = [pytest.param(SSL.TLS1_3_VERSION, id="tls1.3"), pytest.param(SSL.TLS1_2_VERSION, id="tls1.2")]
 
 
@@ -557,7 +557,7 @@ def test_close_notify_from_the_pump(sessions):
         results[name] = (len(alert), client_receive_all(client, alert))
         assert not pump.peer_closed
         assert pump.decrypt(client_ciphertext(client, b"late")) == b"late"   # the peer may still talk
-        with pytest.raises(_wire.TLSError if name == "cython" else ref.TLSError):
+        with pytest.raises(_pump.TLSError if name == "cython" else ref.TLSError):
             pump.encrypt(b"after close")                                  # but we may not
     assert results["cython"] == results["reference"]
     assert results["cython"][1] == (b"", True)
@@ -572,7 +572,7 @@ def test_corrupted_record_raises_tls_error(sessions, where):
         record = bytearray(client_ciphertext(client, b"select 'tampered'"))
         position = {"payload": 10, "header": 0, "tag": len(record) - 1}[where]
         record[position] ^= 0x55
-        module = _wire if name == "cython" else ref
+        module = _pump if name == "cython" else ref
         with pytest.raises(module.TLSError) as caught:
             pump.decrypt(bytes(record))
         errors[name] = str(caught.value)
@@ -620,7 +620,68 @@ def test_tls_error_names_this_connections_failure_not_a_stale_one(sessions, tmp_
     assert "No such file" not in errors["cython"] and "SSL error code" not in errors["cython"]
 
 
-def test_reference_pump_has_the_cython_constructor(server_context_factory):
+def test_a_pump_is_made_only_from_a_connection_on_memory_bios(server_context_factory):
+    with pytest.raises(TypeError):
+        _pump.TLSPump()
+    for wrong in (None, 12345, object(), SSL.Context(SSL.TLS_SERVER_METHOD)):
+        with pytest.raises(TypeError):
+            _pump.pump_for(wrong)
+    import socket
+    with socket.socket() as sock, pytest.raises(TypeError):
+        _pump.pump_for(SSL.Connection(server_context_factory(SSL.TLS1_3_VERSION), sock))
+    assert not hasattr(_pump, "install_openssl_calls")
     server, _ = ref.handshake_in_memory(server_context_factory(SSL.TLS1_3_VERSION))
-    pump = ref.TLSPump(server, 1, 2, 3)
-    assert not pump.peer_closed and pump.pending_ciphertext() == b""
+    pump = _pump.pump_for(server)
+    assert not pump.peer_closed and not pump.failed and pump.pending_ciphertext() == b""
+
+
+# ---------------------------------------------------------------- what makes a backend clean
+
+TRAILING_CASES = [
+    # (client stream, trailing after it): a request (Query, Sync, FunctionCall) covers what came
+    # before it; anything else after the last one is work no ReadyForQuery has answered yet
+    (message(b"Q", b"select 1\0"), 0),
+    (message(b"P", b"\0select 1\0\0\0") + message(b"B", b"\0" * 8) + message(b"E", b"\0\0\0\0\0"), 3),
+    (message(b"P", b"\0select 1\0\0\0") + message(b"H"), 2),           # a Flush behind work counts
+    (message(b"P", b"\0select 1\0\0\0") + message(b"S"), 0),
+    (message(b"H"), 0),                                                 # a lone Flush changes nothing
+    (message(b"S") + message(b"H") + message(b"H"), 0),
+    (message(b"Q", b"copy t from stdin\0") + message(b"d", b"1\n") + message(b"c"), 0),
+    (message(b"Q", b"select 1\0") + message(b"P", b"\0select 2\0\0\0"), 1),
+    (message(b"D", b"S\0") + message(b"C", b"S\0"), 2),                 # Describe, Close without Sync
+    (message(b"F", b"\0" * 10), 0),
+]
+
+
+@pytest.mark.parametrize("stream,trailing", TRAILING_CASES)
+def test_scanner_counts_work_after_the_last_request(stream, trailing):
+    for cut in range(len(stream) + 1):
+        scanners = _framing.MessageScanner(True), ref.MessageScanner(True)
+        for scanner in scanners:
+            scanner.scan(stream[:cut])
+            scanner.scan(stream[cut:])
+        assert [s.trailing for s in scanners] == [trailing, trailing], cut
+    assert _framing.MessageScanner(False).scan(stream) == -1 and _framing.MessageScanner(False).trailing == 0
+
+
+def record_lengths(ciphertext: bytes) -> list[tuple[int, int]]:
+    """(content type, length) of each TLS record."""
+    records, i = [], 0
+    while i < len(ciphertext):
+        content_type, length = ciphertext[i], struct.unpack_from("!H", ciphertext, i + 3)[0]
+        records.append((content_type, length))
+        i += 5 + length
+    assert i == len(ciphertext)
+    return records
+
+
+def test_no_record_carries_more_than_postgresql_would(sessions):
+    """libpq's reader relies on records of at most 8192 bytes of plaintext (PostgreSQL's send
+    buffer): plaintext left inside OpenSSL would never wake its select()."""
+    for name, (pump, client) in sessions.items():
+        payload = random.Random(1).randbytes(100_000)
+        ciphertext = pump.encrypt(payload)
+        data_records = [length for content_type, length in record_lengths(ciphertext) if content_type == 23]
+        assert len(data_records) == 13, name               # ceil(100000 / 8192)
+        assert max(data_records) <= 8192 + 64, name        # plaintext plus tag and padding
+        assert client_receive_all(client, ciphertext) == (payload, False), name

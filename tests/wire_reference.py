@@ -1,4 +1,4 @@
-"""A pure-Python reference for pgfast._wire, with the same API.
+"""A pure-Python reference for pgfast._framing and pgfast._pump, with the same API.
 
 tests/test_wire_units.py uses it as an oracle for the Cython code, and bench/ as the
 baseline the Cython code is measured against. Everything here is written for
@@ -6,7 +6,7 @@ obviousness, not speed: framing follows PostgreSQL's rules directly, and the TLS
 uses pyOpenSSL's own Connection.recv/send/bio_read/bio_write on the same Connection the
 Cython pump would drive through raw pointers.
 
-Differences from pgfast._wire, all outside the API contract: the exception classes are
+Differences from the Cython modules, all outside the API contract: the exception classes are
 this module's own (same names, same messages), and MessageScanner's last_type/tx_status
 are plain attributes rather than read-only ones.
 """
@@ -145,6 +145,7 @@ class MessageScanner:
         self.last_type = 0          # type byte of the last message whose header completed
         self.tx_status = 0          # the last byte of the last ReadyForQuery ('I', 'T', 'E')
         self.requests = 0           # client stream: Query, Sync and FunctionCall messages
+        self.trailing = 0           # client stream: messages since the last of those, but COPY data and a lone Flush
         self.readies = 0            # backend stream: ReadyForQuery messages
         self.database_ddl = 0       # client stream: Query/Parse starting DROP/ALTER/CREATE DATABASE
         self._sql_head = None       # first 64 payload bytes of the current Query/Parse
@@ -178,6 +179,10 @@ class MessageScanner:
                     self._header = b""
                     if self._from_client and self.last_type in b"QSF":
                         self.requests += 1
+                        self.trailing = 0
+                    elif self._from_client and self.last_type not in b"dcf" and (
+                            self.last_type != ord("H") or self.trailing):
+                        self.trailing += 1
                     if self._from_client and self.last_type in b"QP" and self._remaining > 0:
                         self._sql_head = b""
                     elif not self._from_client and self.last_type == ord("Z"):
@@ -202,6 +207,7 @@ class MessageScanner:
 _lib = Binding().lib
 _OPEN, _PEER_CLOSED, _FAILED = 0, 1, 2
 _READ_SIZE = 1 << 16
+_MAX_RECORD_PLAINTEXT = 8192
 
 
 def _reason(exc: SSL.Error) -> str:
@@ -215,19 +221,23 @@ def _reason(exc: SSL.Error) -> str:
 class TLSPump:
     """Ciphertext in, plaintext out and back, over a pyOpenSSL Connection with memory BIOs.
 
-    Same constructor as pgfast._wire.TLSPump; the pointers are accepted and ignored (use
-    make_pump()). Like PostgreSQL's be_tls_read/be_tls_write, the thread's OpenSSL error
-    queue is cleared before each read or write, so an error some other code left queued
-    cannot be taken for this connection's.
+    Made with pump_for(), as the Cython one. Like PostgreSQL's be_tls_read/be_tls_write,
+    the thread's OpenSSL error queue is cleared before each read or write, so an error some
+    other code left queued cannot be taken for this connection's; like PostgreSQL, no record
+    carries more than 8192 bytes of plaintext.
     """
 
-    def __init__(self, owner: SSL.Connection, ssl: int = 0, into_ssl: int = 0, from_ssl: int = 0):
+    def __init__(self, owner: SSL.Connection):
         self._conn = owner
         self._state = _OPEN
 
     @property
     def peer_closed(self) -> bool:
         return self._state == _PEER_CLOSED
+
+    @property
+    def failed(self) -> bool:
+        return self._state == _FAILED
 
     def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _FAILED
@@ -262,11 +272,11 @@ class TLSPump:
         if self._state == _FAILED:
             raise TLSError("connection already failed")
         _lib.ERR_clear_error()
-        if plaintext:
-            try:
-                self._conn.sendall(plaintext)
-            except SSL.Error as exc:
-                raise self._fail(exc) from None
+        try:
+            for start in range(0, len(plaintext), _MAX_RECORD_PLAINTEXT):
+                self._conn.sendall(plaintext[start:start + _MAX_RECORD_PLAINTEXT])
+        except SSL.Error as exc:
+            raise self._fail(exc) from None
         return self.pending_ciphertext()
 
     def close_notify(self) -> bytes:
@@ -290,8 +300,8 @@ class TLSPump:
                 return b"".join(chunks)
 
 
-def make_pump(conn: SSL.Connection) -> TLSPump:
-    """The counterpart of pgfast._openssl.make_pump."""
+def pump_for(conn: SSL.Connection) -> TLSPump:
+    """The counterpart of pgfast._pump.pump_for."""
     return TLSPump(conn)
 
 

@@ -1,4 +1,4 @@
-"""pytest-benchmark micro-benchmarks of pgfast._wire beside tests/wire_reference.py.
+"""pytest-benchmark micro-benchmarks of pgfast._framing and pgfast._pump beside tests/wire_reference.py.
 
 Run: python -m pytest bench/micro --benchmark-only
 Each function has its own benchmark group, so the table shows the Cython code and the

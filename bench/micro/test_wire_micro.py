@@ -1,4 +1,4 @@
-"""pgfast._wire (Cython) beside tests/wire_reference.py (pure Python), one group per function.
+"""pgfast._framing and pgfast._pump (Cython) beside tests/wire_reference.py (pure Python), one group per function.
 
     python -m pytest bench/micro --benchmark-only
 """
@@ -9,10 +9,10 @@ import struct
 import pytest
 from micro_support import record_throughput, reference
 
-from pgfast import _openssl, _wire
+from pgfast import _framing, _pump
 
-IMPLS = [pytest.param(("cython", _wire, _openssl.make_pump), id="cython"),
-         pytest.param(("reference", reference, reference.make_pump), id="reference")]
+IMPLS = [pytest.param(("cython", _framing, _pump.pump_for), id="cython"),
+         pytest.param(("reference", reference, reference.pump_for), id="reference")]
 
 RECORD = 16 * 1024          # TLS plaintext per record (the TLS maximum)
 RECORDS_PER_CALL = 64       # 1 MiB per benchmarked call

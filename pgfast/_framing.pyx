@@ -1,18 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""PostgreSQL wire framing and the TLS pump (see _wire.pxd for the interface)."""
+"""PostgreSQL wire framing (see _framing.pxd for the interface)."""
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport uint32_t, uintptr_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
 
 class ProtocolViolation(Exception):
     """The peer broke the framing rules; message is PostgreSQL's wording (08P01)."""
-
-
-class TLSError(Exception):
-    """OpenSSL failed the connection; the message is OpenSSL's reason."""
 
 
 cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
@@ -136,6 +131,7 @@ cdef class MessageScanner:
         self.last_type = 0
         self.tx_status = 0
         self.requests = 0
+        self.trailing = 0
         self.readies = 0
         self.database_ddl = 0
         self._sniffing = False
@@ -148,6 +144,12 @@ cdef class MessageScanner:
         if self._from_client:
             if t == b'Q' or t == b'S' or t == b'F':
                 self.requests += 1
+                self.trailing = 0
+            elif t == b'd' or t == b'c' or t == b'f':
+                pass    # COPY sub-protocol data, part of the request it follows (ignored outside COPY)
+            elif t != b'H' or self.trailing:
+                # a Flush with nothing before it changes nothing on the backend
+                self.trailing += 1
             if (t == b'Q' or t == b'P') and self._remaining > 0:
                 self._sniffing = True
                 self._sql_head_len = 0
@@ -215,164 +217,3 @@ cdef class MessageScanner:
     @property
     def at_boundary(self):
         return self._remaining == 0 and self._header_len == 0
-
-
-cdef OpenSSLCalls _calls
-cdef bint _calls_installed = False
-
-
-def install_openssl_calls(dict addresses):
-    """Take the function addresses pgfast._openssl resolved (name -> int)."""
-    global _calls_installed
-    _calls.SSL_read = <ssl_read_fn><uintptr_t>addresses["SSL_read"]
-    _calls.SSL_write = <ssl_write_fn><uintptr_t>addresses["SSL_write"]
-    _calls.BIO_read = <bio_read_fn><uintptr_t>addresses["BIO_read"]
-    _calls.BIO_write = <bio_write_fn><uintptr_t>addresses["BIO_write"]
-    _calls.SSL_get_error = <ssl_get_error_fn><uintptr_t>addresses["SSL_get_error"]
-    _calls.SSL_shutdown = <ssl_shutdown_fn><uintptr_t>addresses["SSL_shutdown"]
-    _calls.SSL_do_handshake = <ssl_do_handshake_fn><uintptr_t>addresses["SSL_do_handshake"]
-    _calls.ERR_get_error = <err_get_error_fn><uintptr_t>addresses["ERR_get_error"]
-    _calls.ERR_clear_error = <err_clear_error_fn><uintptr_t>addresses["ERR_clear_error"]
-    _calls.ERR_reason_error_string = <err_reason_string_fn><uintptr_t>addresses["ERR_reason_error_string"]
-    _calls_installed = True
-
-
-cdef enum:
-    SSL_ERROR_WANT_READ = 2
-    SSL_ERROR_SYSCALL = 5
-    SSL_ERROR_ZERO_RETURN = 6
-    RECORD_PLAINTEXT = 16384
-    MAX_RECORD_OVERHEAD = 256       # TLS 1.2/1.3 header + tag + padding, rounded up
-    INITIAL_OUT = 262144
-
-
-cdef class TLSPump:
-
-    def __cinit__(self, owner, uintptr_t ssl, uintptr_t into_ssl, uintptr_t from_ssl):
-        if not _calls_installed:
-            raise RuntimeError("pgfast._openssl has not installed the OpenSSL calls")
-        self._owner = owner
-        self._ssl = <void *>ssl
-        self._into_ssl = <void *>into_ssl
-        self._from_ssl = <void *>from_ssl
-        self._out = <char *>malloc(INITIAL_OUT)
-        if self._out is NULL:
-            raise MemoryError()
-        self._out_size = INITIAL_OUT
-        self._state = PUMP_OPEN
-
-    def __dealloc__(self):
-        free(self._out)
-
-    @property
-    def peer_closed(self):
-        return self._state == PUMP_PEER_CLOSED
-
-    cdef int _reserve(self, Py_ssize_t size) except -1:
-        cdef char *grown
-        if size > self._out_size:
-            grown = <char *>realloc(self._out, size)
-            if grown is NULL:
-                raise MemoryError()
-            self._out = grown
-            self._out_size = size
-        return 0
-
-    cdef _raise_tls_error(self, int ret):
-        cdef unsigned long code = _calls.ERR_get_error()
-        cdef const char *reason
-        self._state = PUMP_FAILED
-        _calls.ERR_clear_error()
-        if code:
-            reason = _calls.ERR_reason_error_string(code)
-            if reason is not NULL:
-                raise TLSError(reason.decode("ascii", "replace"))
-        if ret == SSL_ERROR_SYSCALL:
-            raise TLSError("unexpected EOF")
-        raise TLSError(f"SSL error code {ret}")
-
-    cpdef bint handshake(self, bytes ciphertext) except -1:
-        """Feed the peer's handshake bytes; True once the handshake is complete. What
-        to send back is in pending_ciphertext(); a failed handshake raises TLSError
-        and leaves the alert to send there."""
-        cdef int ret, err
-        if ciphertext:
-            _calls.BIO_write(self._into_ssl, PyBytes_AS_STRING(ciphertext), <int>PyBytes_GET_SIZE(ciphertext))
-        _calls.ERR_clear_error()
-        ret = _calls.SSL_do_handshake(self._ssl)
-        if ret == 1:
-            return True
-        err = _calls.SSL_get_error(self._ssl, ret)
-        if err == SSL_ERROR_WANT_READ:
-            return False
-        self._raise_tls_error(err)
-
-    cpdef bytes decrypt(self, bytes ciphertext):
-        """Plaintext of every whole record now available (b'' while a record is partial)."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(ciphertext)
-        cdef Py_ssize_t filled = 0
-        cdef int got = 0
-        cdef int err
-        if self._state != PUMP_OPEN:
-            return b""
-        if n:
-            _calls.BIO_write(self._into_ssl, PyBytes_AS_STRING(ciphertext), <int>n)
-        # as be_tls_read does: an error other code left queued must not be taken for ours
-        _calls.ERR_clear_error()
-        while True:
-            # plaintext never outgrows its ciphertext by more than one record (a partial
-            # record from an earlier call completing now), so this grows at most once
-            if filled + RECORD_PLAINTEXT > self._out_size:
-                self._reserve(self._out_size * 2)
-            got = _calls.SSL_read(self._ssl, self._out + filled, <int>(self._out_size - filled))
-            if got <= 0:
-                break
-            filled += got
-        err = _calls.SSL_get_error(self._ssl, got)
-        if err == SSL_ERROR_ZERO_RETURN:
-            self._state = PUMP_PEER_CLOSED
-        elif err != SSL_ERROR_WANT_READ:
-            self._raise_tls_error(err)
-        return PyBytes_FromStringAndSize(self._out, filled)
-
-    cpdef bytes encrypt(self, bytes plaintext):
-        """Ciphertext records for plaintext (a memory BIO never refuses a write)."""
-        cdef const char *p = PyBytes_AS_STRING(plaintext)
-        cdef Py_ssize_t left = PyBytes_GET_SIZE(plaintext)
-        cdef int wrote
-        if self._state == PUMP_FAILED:
-            raise TLSError("connection already failed")
-        _calls.ERR_clear_error()
-        # pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so each call may take
-        # only one record's worth
-        while left > 0:
-            wrote = _calls.SSL_write(self._ssl, p, <int>min(left, 1 << 30))
-            if wrote <= 0:
-                self._raise_tls_error(_calls.SSL_get_error(self._ssl, wrote))
-            p += wrote
-            left -= wrote
-        return self._drain_ciphertext()
-
-    cdef bytes _drain_ciphertext(self):
-        cdef Py_ssize_t filled = 0
-        cdef int got
-        while True:
-            if filled + RECORD_PLAINTEXT + MAX_RECORD_OVERHEAD > self._out_size:
-                self._reserve(self._out_size * 2)
-            got = _calls.BIO_read(self._from_ssl, self._out + filled, <int>(self._out_size - filled))
-            if got <= 0:
-                break
-            filled += got
-        return PyBytes_FromStringAndSize(self._out, filled)
-
-    cpdef bytes close_notify(self):
-        """The close_notify alert to send before closing (b'' when it cannot be sent)."""
-        if self._state == PUMP_FAILED:
-            return b""
-        _calls.SSL_shutdown(self._ssl)
-        _calls.ERR_clear_error()
-        return self._drain_ciphertext()
-
-    def pending_ciphertext(self):
-        """Records OpenSSL produced on its own while reading (alerts, key updates)."""
-        return self._drain_ciphertext()

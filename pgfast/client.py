@@ -1,0 +1,444 @@
+"""One client connection, from its first byte to its last, as one explicit state machine.
+
+States change only in _set_state(), along these edges (any state may go to CLOSING):
+
+    NEGOTIATING --SSLRequest 'S' / direct TLS--> TLS_HANDSHAKE --> STARTUP
+    NEGOTIATING (plaintext) or STARTUP (inside TLS) --StartupMessage--> AUTHENTICATING
+    AUTHENTICATING --authenticated--> CONNECTING --backend ready--> RELAYING
+    CLOSING --connection_lost--> CLOSED
+
+NEGOTIATING and STARTUP read startup packets as PostgreSQL's ProcessStartupPacket does
+(pgfast.negotiation says what each asks for). AUTHENTICATING and CONNECTING run one
+login task (pgfast.login). In RELAYING the Cython relay is the protocol of both
+transports and calls back here only when a side ends.
+
+There is one way out, _disconnect(), as pgbouncer's disconnect_client: it says what may
+still be said (an alert during a handshake, never plaintext; an ErrorResponse only
+between two messages of what the backend was sending), closes, and hands everything
+the connection holds back exactly once, on the way into CLOSING.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+import traceback
+
+from . import log, messages
+from ._framing import ProtocolViolation, ReadBuffer
+from ._pump import TLSError
+from ._relay import Relay
+from .auth import MAX_AUTH_TOKEN_LENGTH, AuthFailed, ClientInfo
+from .backend import BackendConnection, BackendRefused
+from .catalog import CatalogError, log_catalog_failure
+from .errors import Refused
+from .login import log_in
+from .negotiation import (NEWEST_MINOR, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
+                          unsupported_protocol)
+from .tls import TLSSession
+
+# Flow control between the two sides of a relay: stop reading one side while the
+# other side's transport queue holds more than this.
+HIGH_WATER = 512 * 1024
+LOW_WATER = 128 * 1024
+# Before authentication a client may only send small things.
+_PREAUTH_LIMIT = 64 * 1024
+_TLS_RECORD_TYPE_HANDSHAKE = 0x16
+_NOT_ACCEPTING = "the database system is not accepting connections"
+
+
+class State(enum.Enum):
+    NEGOTIATING = "negotiating"         # plaintext startup packets, before any encryption
+    TLS_HANDSHAKE = "tls handshake"
+    STARTUP = "startup"                 # inside TLS: waiting for the StartupMessage
+    AUTHENTICATING = "authenticating"   # pg_hba.conf and the authentication exchange
+    CONNECTING = "connecting"           # authenticated; a backend is being found
+    RELAYING = "relaying"
+    CLOSING = "closing"                 # the transport is closing; nothing held any more
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    State.NEGOTIATING: {State.TLS_HANDSHAKE, State.AUTHENTICATING, State.CLOSING},
+    State.TLS_HANDSHAKE: {State.STARTUP, State.CLOSING},
+    State.STARTUP: {State.AUTHENTICATING, State.CLOSING},
+    State.AUTHENTICATING: {State.CONNECTING, State.CLOSING},
+    State.CONNECTING: {State.RELAYING, State.CLOSING},
+    State.RELAYING: {State.CLOSING},
+    State.CLOSING: {State.CLOSED},
+    State.CLOSED: set(),
+}
+_READING_STARTUP = (State.NEGOTIATING, State.STARTUP)
+_LOGGING_IN = (State.AUTHENTICATING, State.CONNECTING)
+_ENDING = (State.CLOSING, State.CLOSED)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of an unexpected exception, for the log: never its message, which may
+    hold what a client sent (a password among them)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "unknown place"
+
+
+class ClientConnection(asyncio.Protocol):
+
+    def __init__(self, frontend, local: bool):
+        self._frontend = frontend
+        self._local = local
+        self._state = State.NEGOTIATING
+        self.transport: asyncio.Transport | None = None
+        self._address: str | None = None
+        self._inbuf = ReadBuffer()
+        self._tls: TLSSession | None = None
+        self._direct_tls = False
+        self._answered: set[type] = set()         # encryption requests answered (SSLRequest, GSSENCRequest)
+        self._startup: StartupMessage | None = None   # set once, when it counts as a session
+        self._timeout: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None      # the login
+        self._waiter: asyncio.Future | None = None  # the login waits here for the client's next message
+        self._backend: BackendConnection | None = None
+        self._relay: Relay | None = None
+        self._cancel_pid: int | None = None
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _set_state(self, new: State) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise RuntimeError(f"client connection cannot go from {self._state.name} to {new.name}")
+        self._state = new
+        if new is State.CLOSING:
+            self._release()
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if not self._local:
+            peer = transport.get_extra_info("peername")
+            if peer is None:
+                # reset before it could be looked at: nothing to serve, nothing to say
+                self._set_state(State.CLOSING)
+                transport.close()
+                return
+            self._address = peer[0]
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        loop = asyncio.get_running_loop()
+        self._timeout = loop.call_later(self._frontend.settings.authentication_timeout, self._on_timeout)
+        self._frontend.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state is State.TLS_HANDSHAKE:
+            self._do_handshake(data)
+            return
+        if self._state in _ENDING:
+            return
+        if self._tls is not None:
+            try:
+                data = self._tls.pump.decrypt(data)
+            except TLSError as exc:
+                self.client_failed(exc)
+                return
+        self._inbuf.feed_data(data)
+        if self._state in _READING_STARTUP:
+            self._do_negotiate()
+        elif self._inbuf.size() > _PREAUTH_LIMIT:
+            self._refuse(Refused("08P01", "too much data received before authentication completed"))
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def eof_received(self):
+        if self._state in _READING_STARTUP and self._inbuf.size():
+            log.log("incomplete startup packet")
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self._state is State.CLOSED:
+            return
+        if self._state is not State.CLOSING:
+            self._set_state(State.CLOSING)
+        self._set_state(State.CLOSED)
+
+    # --- the one way out ---------------------------------------------------------------
+
+    def _disconnect(self, notify: bytes | None = None, *, client_closed: bool = False) -> None:
+        """Say what may still be said, close, and let go of everything. notify is an
+        ErrorResponse for the client; client_closed: it has said goodbye (Terminate or
+        close_notify) and reads nothing more."""
+        if self._state in _ENDING:
+            return
+        out = b""
+        tls = self._tls
+        if self._state is State.TLS_HANDSHAKE or (tls is not None and tls.pump.failed):
+            out = tls.pump.pending_ciphertext()     # the alert: no plaintext inside a handshake
+        else:
+            if self._state is State.RELAYING and not self._relay.backend_stream.at_boundary:
+                notify = None   # the client is inside a message the backend was sending
+            out = notify or b""
+            if tls is not None:
+                try:
+                    out = (tls.pump.encrypt(out) if out else b"") + (b"" if client_closed else tls.pump.close_notify())
+                except TLSError:
+                    out = b""
+        if out:
+            self.transport.write(out)
+        self.transport.close()
+        self._set_state(State.CLOSING)
+
+    def _release(self) -> None:
+        """On the way into CLOSING, once: everything the connection holds goes."""
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._task = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self._frontend.clients.discard(self)
+        if self._startup is not None:
+            self._frontend.sessions -= 1
+        if self._cancel_pid is not None:
+            self._frontend.cancel_keys.forget(self._cancel_pid, self)
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self._frontend.pool.release(backend, self._relay is not None and self._relay.backend_clean())
+
+    def _refuse(self, refusal: Refused) -> None:
+        """FATAL to the client and to the server log (PostgreSQL logs what it sends)."""
+        log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail)
+        self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail))
+
+    def terminate(self, sqlstate: str, text: str) -> None:
+        self._disconnect(messages.error(sqlstate, text))
+
+    def _on_timeout(self) -> None:
+        self._timeout = None
+        if self._state in _LOGGING_IN:
+            # PostgreSQL logs this FATAL but does not write to a client still
+            # authenticating: the connection just closes
+            log.fatal("canceling authentication due to timeout")
+            self._disconnect()
+        elif self._state in (State.NEGOTIATING, State.TLS_HANDSHAKE, State.STARTUP):
+            # PostgreSQL's startup-packet timeout ends the connection without a word
+            self._disconnect()
+
+    def _send(self, data: bytes) -> None:
+        if self._tls is not None:
+            data = self._tls.pump.encrypt(data)
+        self.transport.write(data)
+
+    # --- negotiation -------------------------------------------------------------------
+
+    def _tls_available(self) -> bool:
+        return self._frontend.tls is not None and not self._local
+
+    def _do_negotiate(self) -> None:
+        while self._state in _READING_STARTUP:
+            if (self._state is State.NEGOTIATING and SSLRequest not in self._answered
+                    and self._inbuf.first_byte() == _TLS_RECORD_TYPE_HANDSHAKE and self._tls_available()):
+                self._start_handshake(direct=True)
+                return
+            try:
+                packet = self._inbuf.take_startup()
+                if packet is None:
+                    return
+                self._on_request(packet[0], interpret(*packet))
+            except ProtocolViolation as exc:
+                self._refuse(Refused("08P01", str(exc)))
+            except Refused as refusal:
+                self._refuse(refusal)
+
+    def _on_request(self, code: int, request) -> None:
+        if isinstance(request, SSLRequest) and SSLRequest not in self._answered:
+            self._on_ssl_request()
+        elif isinstance(request, SSLRequest) and self._tls is not None:
+            self._send(messages.SSL_REFUSE)        # already inside TLS (PostgreSQL 17)
+        elif isinstance(request, GSSENCRequest) and GSSENCRequest not in self._answered:
+            self._answered.add(GSSENCRequest)
+            self._send(messages.SSL_REFUSE)        # no GSSAPI encryption: 'N', the client goes on
+        elif isinstance(request, CancelRequest):
+            self._frontend.cancel(request)
+            self._disconnect()
+        elif isinstance(request, StartupMessage):
+            self._on_startup_message(request)
+        else:
+            raise unsupported_protocol(code)
+
+    def _on_ssl_request(self) -> None:
+        self._answered.add(SSLRequest)
+        if not self._tls_available():
+            self.transport.write(messages.SSL_REFUSE)
+            return
+        if self._inbuf.size():
+            # bytes sent before the handshake were never encrypted: refusing them is
+            # the only safe answer (they could be a man-in-the-middle's)
+            raise Refused("08P01", "received unencrypted data after SSL request",
+                          detail="This could be either a client-software bug or evidence of an attempted "
+                                 "man-in-the-middle attack.")
+        self.transport.write(messages.SSL_ACCEPT)
+        self._start_handshake(direct=False)
+
+    def _on_startup_message(self, startup: StartupMessage) -> None:
+        if startup.needs_negotiation:
+            self._send(messages.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized_options))
+        self._startup = startup
+        self._frontend.sessions += 1
+        if self._frontend.sessions > self._frontend.settings.max_connections:
+            raise Refused("53300", "sorry, too many clients already")
+        tls = self._frontend.tls
+        info = ClientInfo(local=self._local, ssl=self._tls is not None, address=self._address, user=startup.user,
+                          database=startup.database, replication=startup.replication,
+                          certificate_cn=self._tls.peer_cn() if self._tls is not None else None,
+                          ca_loaded=tls is not None and tls.requests_client_cert)
+        self._set_state(State.AUTHENTICATING)
+        self._task = asyncio.get_running_loop().create_task(self._log_in(startup, info))
+
+    # --- TLS handshake -----------------------------------------------------------------
+
+    def _start_handshake(self, direct: bool) -> None:
+        self._direct_tls = direct
+        self._answered.add(SSLRequest)
+        self._tls = self._frontend.tls.new_session()
+        self._set_state(State.TLS_HANDSHAKE)
+        self._do_handshake(self._inbuf.take_all())
+
+    def _do_handshake(self, data: bytes) -> None:
+        pump = self._tls.pump
+        try:
+            done = pump.handshake(data)
+        except TLSError as exc:
+            log.log(f"could not accept SSL connection: {exc}", detail=self._tls.verify_failure_detail())
+            self._disconnect()
+            return
+        # once TLS 1.3 is done only session tickets are left to send: the first reply
+        # carries them (the pump drains everything pending), saving a write
+        if not done or self._tls.version != "TLSv1.3":
+            out = pump.pending_ciphertext()
+            if out:
+                self.transport.write(out)
+        if done:
+            self._on_handshake_complete()
+
+    def _on_handshake_complete(self) -> None:
+        self._set_state(State.STARTUP)
+        if self._direct_tls and self._tls.alpn() is None:
+            self._refuse(Refused("08P01", "received direct SSL connection request without ALPN protocol "
+                                          "negotiation extension"))
+            return
+        # the client may have sent its startup packet right behind its Finished
+        self.data_received(b"")
+
+    # --- the login (login.Client) ------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """An authentication request to the client."""
+        self._send(data)
+
+    async def receive(self) -> tuple[int, bytes]:
+        """The client's next message during authentication."""
+        while True:
+            try:
+                msg = self._inbuf.take_message(MAX_AUTH_TOKEN_LENGTH)
+            except ProtocolViolation as exc:
+                raise AuthFailed("08P01", str(exc)) from None
+            if msg is not None:
+                return msg
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    def peer_uid(self) -> int | None:
+        """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        return uid
+
+    def authenticated(self) -> None:
+        self._set_state(State.CONNECTING)
+
+    async def _log_in(self, startup: StartupMessage, info: ClientInfo) -> None:
+        try:
+            backend, leftover = await log_in(self._frontend, startup, info, self)
+        except Refused as refusal:
+            self._refuse(refusal)
+        except CatalogError as exc:
+            log_catalog_failure(exc)
+            self._refuse(Refused("57P03", _NOT_ACCEPTING,
+                                 detail="pgfast could not read PostgreSQL's catalogs; the server log says why."))
+        except BackendRefused as refusal:
+            self._disconnect(refusal.raw_error)     # PostgreSQL logged it; the client gets its words
+        except OSError as exc:
+            self._refuse(Refused("57P03", _NOT_ACCEPTING, detail=f"pgfast could not reach PostgreSQL: {exc}"))
+        except Exception as exc:    # a bug must not leave the client waiting for authentication_timeout
+            log.log(f"pgfast: unexpected {type(exc).__name__} while logging in a client (at {_where(exc)})")
+            self._disconnect()
+        else:
+            self._start_relaying(backend, leftover)
+
+    # --- the relay ---------------------------------------------------------------------
+
+    def _start_relaying(self, backend: BackendConnection, leftover: bytes) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        self._task = None
+        self._backend = backend
+        key = self._frontend.cancel_keys.issue(backend.pid, self)
+        self._cancel_pid = backend.pid
+        notices, backend.notices = backend.notices, []
+        self._set_state(State.RELAYING)
+        self._send(b"".join([messages.AUTHENTICATION_OK, *notices,
+                             *(messages.parameter_status(k, v) for k, v in backend.parameters.items()),
+                             messages.backend_key_data(backend.pid, key), messages.READY_IDLE]))
+        self._relay = Relay(self, self.transport, backend.transport, self._tls.pump if self._tls else None)
+        self.transport.set_protocol(self._relay.client_protocol())
+        backend.serve(self._relay.backend_protocol())
+        if leftover:
+            self._relay.from_backend(leftover)
+        pending = self._inbuf.take_all()
+        if pending:
+            self._relay.forward_client(pending)
+
+    def forward_cancel(self) -> None:
+        """A CancelRequest with this session's key: for the backend it holds right now."""
+        if self._state is State.RELAYING and self._backend is not None:
+            self._frontend.pool.forward_cancel(self._backend)
+
+    # called by the relay
+
+    def client_finished(self) -> None:
+        """Terminate, or TLS close_notify: the client is done with its session. It
+        reads nothing more, so no close_notify is sent back (TLS 1.3 allows that)."""
+        self._disconnect(client_closed=True)
+
+    def client_lost(self) -> None:
+        self.connection_lost(None)
+
+    def client_failed(self, exc: Exception) -> None:
+        log.log(f"could not receive data from client: {exc}")
+        self._disconnect()
+
+    def backend_lost(self) -> None:
+        backend = self._backend
+        if backend is not None:
+            backend.connection_lost(None)      # the relay was its protocol: tell it
+        self._disconnect()
+
+    def backend_failed(self, exc: Exception) -> None:
+        log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
+        self._backend.close()
+        self._disconnect()
+
+    def database_ddl_sent(self) -> None:
+        """DROP/ALTER/CREATE DATABASE refuses while other sessions use the database
+        concerned (or the template), and waits up to 5 s for them: idle pooled backends
+        and the catalog session leave now."""
+        self._frontend.pool.retire_idle()
+        self._frontend.catalog.let_go()

@@ -1,0 +1,54 @@
+"""What every client connection shares: configuration, rules, the TLS context, the
+catalogs, the pool, the cancel keys handed out, and the listening servers."""
+from __future__ import annotations
+
+import asyncio
+
+from .cancel import CancelKeys
+from .catalog import Catalog
+from .client import ClientConnection
+from .config import Settings
+from .hba import HbaRules, IdentMap
+from .negotiation import CancelRequest
+from .pool import Pool
+from .tls import ServerTLS
+
+
+class Frontend:
+
+    def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
+                 catalog: Catalog, pool: Pool):
+        self.settings = settings
+        self.hba = hba
+        self.ident = ident
+        self.tls = tls
+        self.catalog = catalog
+        self.pool = pool
+        # what an unknown role's password is checked as (PostgreSQL: password_encryption)
+        self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
+        self.clients: set[ClientConnection] = set()
+        self.sessions = 0               # clients past their startup packet
+        self.cancel_keys = CancelKeys()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def serve(self, tcp_sockets, unix_sockets) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in tcp_sockets:
+            self._servers.append(await loop.create_server(lambda: ClientConnection(self, local=False), sock=sock))
+        for sock, _path in unix_sockets:
+            self._servers.append(await loop.create_unix_server(lambda: ClientConnection(self, local=True), sock=sock))
+
+    def cancel(self, request: CancelRequest) -> None:
+        session = self.cancel_keys.session_for(request.pid, request.key)
+        if session is not None:
+            session.forward_cancel()
+
+    async def shutdown(self, sqlstate: str, message: str) -> None:
+        """Stop listening and end every client with this FATAL (where it can be said)."""
+        for server in self._servers:
+            server.close()
+        self.pool.begin_shutdown()
+        for client in list(self.clients):
+            client.terminate(sqlstate, message)
+        for server in self._servers:
+            await server.wait_closed()

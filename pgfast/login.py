@@ -1,0 +1,62 @@
+"""The login decision: pg_hba.conf, authentication, and the backend the session starts on.
+
+One procedure for every client, whatever pg_hba.conf asks: it awaits only where it must
+ask someone (the catalogs, DNS, the client itself, PostgreSQL), and reads the catalogs
+at most once per login, so the role's credentials, memberships and the state its
+backend starts under are one consistent answer, read for this login alone.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from .auth import PASSWORD_METHODS, ClientInfo, authenticate_password, authorize, check_peer
+from .backend import BackendConnection
+from .catalog import CatalogError, LoginFacts, log_catalog_failure
+from .hba import resolve_client_hostname
+from .negotiation import StartupMessage
+
+
+class Client(Protocol):
+    """What the login needs of the client connection."""
+
+    def send(self, data: bytes) -> None: ...
+
+    async def receive(self) -> tuple[int, bytes]: ...
+
+    def peer_uid(self) -> int | None: ...
+
+    def authenticated(self) -> None: ...
+
+
+async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Client
+                 ) -> tuple[BackendConnection, bytes]:
+    """A backend for an authenticated client, and any bytes it sent after its first
+    ReadyForQuery. Raises AuthFailed (refused), CatalogError (the catalogs cannot say),
+    BackendRefused (PostgreSQL said no) or OSError (PostgreSQL is unreachable)."""
+    facts: LoginFacts | None = None
+    if frontend.hba.needs_roles:
+        facts = await frontend.catalog.login_facts(info.user, info.database, roles=True)
+    hostname = None
+    if frontend.hba.needs_hostname and info.address is not None:
+        hostname = await asyncio.get_running_loop().run_in_executor(None, resolve_client_hostname, info.address)
+    line = authorize(frontend.hba, frontend.ident, info, facts.roles if facts else None, hostname)
+    # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
+    # end what it holds (temporary replication slots, streaming)
+    poolable = frontend.pool.enabled and not startup.walsender
+    if facts is None and (line.method in PASSWORD_METHODS or poolable):
+        try:
+            facts = await frontend.catalog.login_facts(info.user, info.database, roles=False)
+        except CatalogError as exc:
+            if line.method in PASSWORD_METHODS:
+                raise
+            log_catalog_failure(exc)        # then a fresh backend, and PostgreSQL decides
+    if line.method in PASSWORD_METHODS:
+        await authenticate_password(line, info, client, facts.credentials,
+                                    frontend.tls.server_end_point if info.ssl else None,
+                                    frontend.password_encryption)
+    elif line.method == "peer":
+        check_peer(line, info, frontend.ident, client.peer_uid())
+    client.authenticated()
+    rules = facts.session_rules if facts is not None and poolable else None
+    return await frontend.pool.acquire(startup.params, rules)

@@ -1,0 +1,103 @@
+"""What a startup packet asks for, read the way PostgreSQL's ProcessStartupPacket reads it.
+
+The first packets of a connection (SSLRequest, GSSENCRequest, CancelRequest,
+StartupMessage) are interpreted here into plain values; client.py decides what to do
+with them. Every refusal is a Refused with PostgreSQL's SQLSTATE and wording.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ._framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
+                       ProtocolViolation, parse_startup_parameters)
+from .errors import Refused
+
+NEWEST_MINOR = 0      # protocol 3.0
+
+
+@dataclass(frozen=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    pid: int
+    key: bytes
+
+
+@dataclass(frozen=True)
+class StartupMessage:
+    minor: int
+    params: list[tuple[str, str]]     # as PostgreSQL gets them: the client's, less _pq_ options
+    unrecognized_options: list[str]   # _pq_.* options, which this server does not know
+    user: str
+    database: str
+    replication: bool                 # physical replication (a walsender without a database)
+    walsender: bool                   # replication=true or database: never pooled
+
+    @property
+    def needs_negotiation(self) -> bool:
+        """A newer minor version or _pq_ options are answered with NegotiateProtocolVersion."""
+        return self.minor > NEWEST_MINOR or bool(self.unrecognized_options)
+
+
+def interpret(code: int, body: bytes):
+    """The request a startup packet (its code and the body after it) makes."""
+    if code == SSL_REQUEST_CODE:
+        return SSLRequest()
+    if code == GSSENC_REQUEST_CODE:
+        return GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE:
+        if len(body) != 8:
+            raise Refused("08P01", "invalid length of cancel request packet")
+        return CancelRequest(struct.unpack_from("!i", body)[0], body[4:])
+    if code >> 16 == PROTOCOL_3_0 >> 16:
+        return _startup_message(code & 0xFFFF, body)
+    raise unsupported_protocol(code)
+
+
+def unsupported_protocol(code: int) -> Refused:
+    """What PostgreSQL says to a request code it does not take here (an unknown version,
+    or an SSLRequest or GSSENCRequest once that encryption has been answered)."""
+    return Refused("0A000", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                            f"server supports 3.0 to 3.{NEWEST_MINOR}")
+
+
+def _replication_mode(value: str | None) -> bool:
+    """True for physical replication; logical (database) connections match pg_hba
+    by database like any other."""
+    if value is None or value.lower() == "database":
+        return False
+    lowered = value.lower()
+    if lowered in ("true", "on", "yes", "1"):
+        return True
+    if lowered in ("false", "off", "no", "0"):
+        return False
+    raise Refused("22023", f'invalid value for parameter "replication": "{value}"',
+                  detail="Valid values are: \"false\", 0, \"true\", 1, \"database\".")
+
+
+def _startup_message(minor: int, body: bytes) -> StartupMessage:
+    try:
+        params = parse_startup_parameters(body)
+    except ProtocolViolation as exc:
+        raise Refused("08P01", str(exc)) from None
+    options = [name for name, _ in params if name.startswith("_pq_.")]
+    # the parameters go to PostgreSQL as the client sent them (less _pq_ options): it
+    # defaults the database to the user itself, and adding it here could push a packet
+    # PostgreSQL accepts from the client past its 10000-byte limit
+    params = [(k, v) for k, v in params if not k.startswith("_pq_.")]
+    values = dict(params)
+    user = values.get("user")
+    if not user:
+        raise Refused("28000", "no PostgreSQL user name specified in startup packet")
+    replication = _replication_mode(values.get("replication"))
+    walsender = replication or values.get("replication", "").lower() == "database"
+    return StartupMessage(minor, params, options, user, values.get("database") or user, replication, walsender)
