@@ -240,3 +240,51 @@ def psql(bindir: str, dsn: str, sql: str, env: dict, timeout: float = 60) -> sub
     return subprocess.run([os.path.join(bindir, "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                            "-d", dsn, "-c", sql],
                           capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+class Postgres:
+    """A PostgreSQL server of its own (no pgfast), on a Unix socket only."""
+
+    def __init__(self, bindir: str, data_dir: str, socket_dir: str, port: int):
+        self.bindir = bindir
+        self.data_dir = data_dir
+        self.socket_dir = socket_dir
+        self.port = port
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.socket_dir, f".s.PGSQL.{self.port}")
+
+    def start(self) -> "Postgres":
+        account = db_account()
+        self.process = subprocess.Popen(
+            [os.path.join(self.bindir, "postgres"), "-D", self.data_dir, "-p", str(self.port),
+             "-c", "listen_addresses=", "-c", f"unix_socket_directories={self.socket_dir}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+            **({"user": account.pw_uid, "group": account.pw_gid} if os.geteuid() == 0 else {}))
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket_path) or subprocess.run(
+                [os.path.join(self.bindir, "pg_isready"), "-q", "-h", self.socket_dir, "-p", str(self.port)]).returncode:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"PostgreSQL did not start (status {self.process.poll()})")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def postgres(template_cluster, module_dir, bindir):
+    data = os.path.join(module_dir, "pgdata")
+    shutil.copytree(template_cluster, data, symlinks=True)
+    os.chmod(data, 0o700)
+    chown_tree(data)
+    socket_dir = tempfile.mkdtemp(prefix="pgsock-", dir=module_dir)
+    os.chmod(socket_dir, 0o777)
+    server = Postgres(bindir, data, socket_dir, free_port()).start()
+    yield server
+    server.stop()
