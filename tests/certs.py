@@ -6,6 +6,7 @@
     alice = inter.client_cert("alice")          # CN=alice, chain = [inter]
     old = ca.client_cert("bob", expired=True)
     crl = ca.crl(revoked=[old])                 # CRL bytes (PEM), signed by ca
+    odd = ca.client_cert_unparsable("carol")    # OpenSSL takes it, cryptography refuses to parse it
 
     write(tmp_path / "server.crt", server.cert_pem())
     write(tmp_path / "server.key", server.key_pem(passphrase=b"secret"))   # mode 0600
@@ -16,6 +17,7 @@ chain (CRL_CHECK_ALL), so every CA in a chain needs a CRL once any CRL is config
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
@@ -152,6 +154,20 @@ class CA:
     def client_cert(self, common_name: str, *, expired: bool = False, key_type: str | None = None) -> Issued:
         return self.issue(common_name, expired=expired, key_type=key_type)
 
+    def client_cert_unparsable(self, common_name: str) -> "OddIssued":
+        """A client certificate OpenSSL accepts (and verifies) but cryptography refuses to
+        parse: its extensions spell out the default critical=FALSE, which DER forbids."""
+        issued = self.client_cert(common_name)
+        der = issued.cert.public_bytes(serialization.Encoding.DER)
+        _, certificate, _ = _der_parse(der, 0)
+        tbs, algorithm, _signature = _der_children(certificate)
+        tbs = (tbs[0], b"".join(_der(t, _explicit_default_critical(v) if t == 0xA3 else v)
+                                for t, v in _der_children(tbs[1])))
+        tbs_der = _der(*tbs)
+        signature = self.key.sign(tbs_der, ec.ECDSA(hashes.SHA256()))
+        odd = _der(0x30, tbs_der + _der(*algorithm) + _der(0x03, b"\0" + signature))
+        return OddIssued(odd, issued.key, issued.chain)
+
     def crl(self, revoked: Iterable[Issued] = ()) -> bytes:
         """A current CRL (PEM) from this CA listing the given certificates as revoked."""
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -172,6 +188,58 @@ class CA:
         """OpenSSL's subject name hash (`openssl x509 -hash`), which names files in a CRL directory."""
         x509_pointer = crypto.X509.from_cryptography(self.cert)._x509   # pyOpenSSL's hash() is deprecated
         return f"{_lib.X509_subject_name_hash(x509_pointer):08x}"
+
+
+@dataclass
+class OddIssued:
+    """A certificate kept as DER bytes, because cryptography cannot load it."""
+    der: bytes
+    key: PrivateKey
+    chain: list[x509.Certificate] = field(default_factory=list)
+
+    def chain_pem(self) -> bytes:
+        body = base64.encodebytes(self.der).replace(b"\n", b"")
+        lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+        pem = b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+        return pem + cert_pem(*self.chain)
+
+    def key_pem(self, passphrase: bytes | None = None) -> bytes:
+        return key_pem(self.key, passphrase)
+
+
+def _der_parse(data: bytes, i: int) -> tuple[int, bytes, int]:
+    tag, length = data[i], data[i + 1]
+    i += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length, i = int.from_bytes(data[i:i + n], "big"), i + n
+    return tag, data[i:i + length], i + length
+
+
+def _der_children(body: bytes) -> list[tuple[int, bytes]]:
+    children, i = [], 0
+    while i < len(body):
+        tag, value, i = _der_parse(body, i)
+        children.append((tag, value))
+    return children
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def _explicit_default_critical(extensions_field: bytes) -> bytes:
+    """[3] { SEQUENCE OF Extension } with BOOLEAN FALSE written into each non-critical one."""
+    (_, extensions), = _der_children(extensions_field)
+    rebuilt = []
+    for tag, extension in _der_children(extensions):
+        parts = _der_children(extension)
+        if len(parts) == 2:
+            parts = [parts[0], (0x01, b"\0"), parts[1]]
+        rebuilt.append(_der(tag, b"".join(_der(t, v) for t, v in parts)))
+    return _der(0x30, b"".join(rebuilt))
 
 
 def write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> str:

@@ -131,6 +131,11 @@ def pki(scratch_root) -> Pki:
         pem = issued.chain_pem() if name == "inter_alice" else issued.cert_pem()
         certs.write(os.path.join(directory, f"{name}.crt"), pem, 0o644)
         certs.write(os.path.join(directory, f"{name}.key"), issued.key_pem(), 0o600)
+    # OpenSSL takes these and cryptography cannot parse them (an explicitly encoded default)
+    for name, issuer in (("odd_alice", root), ("odd_foreign", foreign)):
+        odd = issuer.client_cert_unparsable("alice")
+        certs.write(os.path.join(directory, f"{name}.crt"), odd.chain_pem(), 0o644)
+        certs.write(os.path.join(directory, f"{name}.key"), odd.key_pem(), 0o600)
     # the intermediate-signed leaf without its intermediate
     certs.write(os.path.join(directory, "inter_leaf_only.crt"), clients["inter_alice"].cert_pem(), 0o644)
     certs.write(os.path.join(directory, "inter_leaf_only.key"), clients["inter_alice"].key_pem(), 0o600)
@@ -770,3 +775,19 @@ def test_database_that_does_not_exist(client, hba_server):
     assert client.fatal(hba_server, user="u", dbname="nosuchdb") == 'database "nosuchdb" does not exist'
     assert asyncpg_error(hba_server, user="u", database="nosuchdb", ssl="disable") == \
         ("3D000", 'database "nosuchdb" does not exist')
+
+
+def test_certificate_only_openssl_can_parse_authenticates(client, ca_server):
+    """pgfast reads client certificates through OpenSSL alone, so what OpenSSL verified is
+    what pg_hba sees, whatever cryptography thinks of its encoding."""
+    assert client.admitted(ca_server, user="alice", dbname="certdb", cert="odd_alice") == "alice@certdb"
+
+
+def test_untrusted_certificate_only_openssl_can_parse_is_refused_with_its_detail(client, ca_server):
+    assert "alert unknown ca" in client.refused(ca_server, user="alice", dbname="trustdb", cert="odd_foreign")
+    wait_for_log(ca_server, LOG_PREFIX + re.escape("LOG:  could not accept SSL connection: certificate verify failed")
+                 + "\n" + LOG_PREFIX + re.escape("DETAIL:  Client certificate verification failed at depth 0: "
+                                                 "unable to get local issuer certificate.") + "\n"
+                 + re.escape('Failed certificate data (unverified): subject "/CN=alice", serial number ')
+                 + r"\d+" + re.escape(', issuer "/CN=foreign CA".'))
+    assert client.admitted(ca_server, user="alice", dbname="certdb", cert="alice") == "alice@certdb"

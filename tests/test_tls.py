@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 import certs
 from pgfast.config import Settings
@@ -91,11 +91,14 @@ def startup_error(data_dir: Path, **kwargs) -> TLSSetupError:
     return caught.value
 
 
-def client_connection(*, issued: certs.Issued | None = None, alpn: list[bytes] | None = None,
+def client_connection(*, issued: certs.Issued | certs.OddIssued | None = None, alpn: list[bytes] | None = None,
                       curves: bytes | None = None, max_version: int | None = None,
                       ciphers: bytes | None = None) -> SSL.Connection:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    if issued is not None:
+    if isinstance(issued, certs.OddIssued):    # not loadable by cryptography: through OpenSSL alone
+        ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, issued.chain_pem()))
+        ctx.use_privatekey(issued.key)
+    elif issued is not None:
         ctx.use_certificate(issued.cert)
         for intermediate in issued.chain:
             ctx.add_extra_chain_cert(intermediate)
@@ -662,6 +665,44 @@ def test_revoked_client_certificate_with_crl_dir_and_intermediate(ca_dir, ca):
 
     server = tls.new_session()
     assert handshake(server, client_connection(issued=good)).server_error is None
+
+
+def test_a_certificate_cryptography_cannot_parse_fails_verification_with_its_detail(ca_dir):
+    """The verify callback reads the failed certificate through OpenSSL, so one that
+    cryptography refuses to parse is described all the same, and refused."""
+    foreign = certs.CA("foreign CA").client_cert_unparsable("mallory")
+    server = load_with_ca(ca_dir).new_session()
+    outcome = handshake(server, client_connection(issued=foreign))
+    assert "certificate verify failed" in reasons(outcome.server_error)
+    detail = server.verify_failure_detail()
+    assert detail.startswith("Client certificate verification failed at depth 0: unable to get local issuer "
+                             'certificate.\nFailed certificate data (unverified): subject "/CN=mallory", serial number ')
+    assert detail.endswith(', issuer "/CN=foreign CA".')
+
+
+def test_a_trusted_certificate_cryptography_cannot_parse_still_names_its_user(ca_dir, ca):
+    server = load_with_ca(ca_dir).new_session()
+    assert handshake(server, client_connection(issued=ca.client_cert_unparsable("carol"))).server_error is None
+    assert server.peer_cn() == "carol"
+
+
+def test_verify_failures_stay_with_their_connection(ca_dir):
+    """Nothing accumulates on the shared context however many handshakes fail; what a
+    failure leaves lives and dies with its connection."""
+    import gc
+    from pgfast import _openssl
+    tls = load_with_ca(ca_dir)
+    foreign = certs.CA("foreign CA").client_cert_unparsable("mallory")
+    gc.collect()
+    before = len(_openssl._holders)
+    for _ in range(50):
+        server = tls.new_session()
+        assert handshake(server, client_connection(issued=foreign)).server_error is not None
+        assert server.verify_failure_detail() is not None
+    del server
+    gc.collect()
+    assert len(_openssl._holders) == before
+    assert tls.context._verify_helper is None      # pyOpenSSL's own callback (and its _problems list) is unused
 
 
 def test_crl_is_required_for_every_ca_in_the_chain(ca_dir, ca):
