@@ -13,6 +13,8 @@ from . import log
 from .errors import StartupError
 
 _BACKLOG = 1024
+# sizeof(sockaddr_un.sun_path) - 1, as PostgreSQL's UNIXSOCK_PATH_BUFLEN
+_UNIX_PATH_MAX = 107
 
 
 def _addresses(host: str, port: int) -> list[tuple[int, str]]:
@@ -82,6 +84,9 @@ def bind_unix(directories: tuple[str, ...], port: int) -> list[tuple[socket.sock
     bound = []
     for directory in directories:
         path = os.path.join(directory, f".s.PGSQL.{port}")
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            log.log(f'Unix-domain socket path "{path}" is too long (maximum {_UNIX_PATH_MAX} bytes)')
+            continue
         if _socket_in_use(path):
             raise StartupError(f'could not bind Unix address "{path}": Address already in use',
                                hint=f"Is another postmaster already running on port {port}?")

@@ -1,0 +1,74 @@
+"""Replication clients through pgfast over TLS: pg_basebackup with WAL streaming, which
+reads the replication stream with libpq's asynchronous reader and so depends on TLS
+records no larger than PostgreSQL's own (8192 bytes of plaintext)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import certs
+from conftest import Pgfast, append_conf, chown_tree, free_port, write_file
+
+HBA = ("local all all trust\nlocal replication all trust\n"
+       "hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n")
+RUNS = 20
+
+
+@pytest.fixture(scope="module")
+def server(template_cluster, module_dir, module_env):
+    ca = certs.CA("pgfast replication test CA")
+    base = tempfile.mkdtemp(prefix="repl-", dir=module_dir)
+    os.chmod(base, 0o755)
+    data = os.path.join(base, "data")
+    shutil.copytree(template_cluster, data, symlinks=True)
+    os.chmod(data, 0o700)
+    issued = ca.server_cert()
+    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
+    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
+    write_file(os.path.join(data, "pg_hba.conf"), HBA)
+    append_conf(data, "ssl = on\nmax_wal_senders = 10")
+    chown_tree(data)
+    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
+    os.chmod(socket_dir, 0o777)
+    pgfast = Pgfast(data, free_port(), socket_dir, [], dict(module_env)).start()
+    yield pgfast
+    pgfast.stop()
+    assert "Traceback" not in pgfast.log, pgfast.log
+
+
+def test_pg_basebackup_with_wal_streaming_over_tls(server, bindir, module_dir, module_env):
+    """WAL is written all through each backup, so the stream ends with WAL data, CopyDone,
+    CommandComplete and ReadyForQuery close behind each other: the case that once hung."""
+    psql = [os.path.join(bindir, "psql"), "-X", "-q", "-h", server.socket_dir, "-p", str(server.port),
+            "-U", "postgres", "-d", "postgres"]
+    subprocess.run(psql + ["-c", "create table filler as select g, repeat('x', 200) v "
+                                 "from generate_series(1, 50000) g"], check=True, env=module_env)
+    writer = subprocess.Popen(psql + ["-c", "do $$ begin for i in 1..100000 loop "
+                                            "insert into filler values (i, repeat('y', 300)); commit; "
+                                            "perform pg_sleep(0.0005); end loop; end $$"],
+                              env=module_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _backups(server, bindir, module_dir, module_env)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def _backups(server, bindir, module_dir, module_env):
+    for run in range(RUNS):
+        target = tempfile.mkdtemp(prefix=f"backup{run}-", dir=module_dir)
+        try:
+            result = subprocess.run(
+                [os.path.join(bindir, "pg_basebackup"), "-X", "stream", "-v", "-c", "fast", "-D", target,
+                 "-d", f"host=127.0.0.1 port={server.port} user=postgres sslmode=require"],
+                capture_output=True, text=True, timeout=60, env=module_env, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"pg_basebackup hung on run {run}:\n{exc.stderr}")
+        assert result.returncode == 0, f"run {run}: {result.stderr}"
+        assert "base backup completed" in result.stderr
+        assert os.path.exists(os.path.join(target, "PG_VERSION"))
+        shutil.rmtree(target)
