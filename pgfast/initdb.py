@@ -21,13 +21,19 @@ HBA_TEMPLATE = """\
 # see PostgreSQL's documentation for the format.
 #
 # TYPE   DATABASE     USER  ADDRESS        METHOD
-local    all          all                  {method}
-hostssl  all          all   127.0.0.1/32   {method}
-hostssl  all          all   ::1/128        {method}
-local    replication  all                  {method}
-hostssl  replication  all   127.0.0.1/32   {method}
-hostssl  replication  all   ::1/128        {method}
+local    all          all                  {local}
+hostssl  all          all   127.0.0.1/32   {host}
+hostssl  all          all   ::1/128        {host}
+local    replication  all                  {local}
+hostssl  replication  all   127.0.0.1/32   {host}
+hostssl  replication  all   ::1/128        {host}
 """
+
+
+def local_method(host_method: str) -> str:
+    """What a Unix socket line gets: the same, except for cert, which only hostssl lines can
+    use; there the operating-system user is the proof (peer), as in Debian's default."""
+    return "peer" if host_method == "cert" else host_method
 
 CONF_BLOCK = """
 # Added by pgfast init
@@ -116,7 +122,7 @@ def _write_config(data_dir: str, account: Account, superuser: str, auth: str) ->
         f.write(CONF_BLOCK.format(superuser=superuser.replace("'", "''")))
     hba_path = os.path.join(data_dir, "pg_hba.conf")
     with open(hba_path, "w") as f:
-        f.write(HBA_TEMPLATE.format(method=auth))
+        f.write(HBA_TEMPLATE.format(local=local_method(auth), host=auth))
     if os.geteuid() == 0:
         os.chown(hba_path, account.uid, account.gid)
 
@@ -130,10 +136,14 @@ def connection_string(info: dict, port: int) -> str:
 def report(info: dict, port: int) -> str:
     lines = [
         f'Initialised PostgreSQL data directory "{info["data_dir"]}" for pgfast:',
-        f'  superuser "{info["superuser"]}", pg_hba.conf method {info["auth"]}, TCP over TLS only (hostssl)',
+        f'  superuser "{info["superuser"]}", pg_hba.conf method {info["auth"]} (Unix sockets: '
+        f'{local_method(info["auth"])}), TCP over TLS only (hostssl)',
         f'  ssl = on; server.crt and server.key: self-signed {info["key_type"].upper()} certificate for '
         f'localhost, 127.0.0.1, ::1 and {socket.gethostname()}',
     ]
+    if info["auth"] == "cert":
+        lines.append("  cert authentication needs the CA that signs client certificates: put it in "
+                     f'{os.path.join(info["data_dir"], "root.crt")} (or set ssl_ca_file)')
     if info["encrypted_key"]:
         lines.append("  server.key is encrypted: pgfast run asks for its passphrase on the terminal, "
                      "or set ssl_passphrase_command")

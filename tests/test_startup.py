@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography import x509
 
 import certs
-from conftest import READY, Pgfast, append_conf, chown_tree, db_account, free_port, psql
+from conftest import READY, Pgfast, append_conf, chown_tree, db_account, free_port, psql, write_file
 from pgfast import __version__
 
 AS_ROOT = os.geteuid() == 0
@@ -861,3 +861,58 @@ def test_private_socket_directory_is_mode_0700(served):
     assert stat.S_IMODE(st.st_mode) == 0o700
     assert st.st_uid == db_account().pw_uid
     assert os.path.exists(os.path.join(private_dir, f".s.PGSQL.{served.port}"))
+
+
+def psql_as_database_account(bindir: str, server: Pgfast, user: str, env: dict, password: str | None = None):
+    """psql over the Unix socket, run as the operating-system account PostgreSQL runs as."""
+    account = db_account()
+    env = dict(env, **({"PGPASSWORD": password} if password else {}))
+    return subprocess.run([os.path.join(bindir, "psql"), "-X", "-A", "-t", "-h", server.socket_dir,
+                           "-p", str(server.port), "-U", user, "-d", "postgres", "-c", "SELECT 'local ' || current_user"],
+                          capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL, cwd="/",
+                          **({"user": account.pw_uid, "group": account.pw_gid} if AS_ROOT else {}))
+
+
+@pytest.mark.parametrize("auth", ["trust", "cert", "password", "md5", "scram-sha-256"])
+def test_init_writes_a_directory_that_runs_for_every_auth(auth, scratch, client_env, servers, bindir):
+    data_dir = os.path.join(scratch, "data")
+    password = "init-secret"
+    args = ["init", "-D", data_dir, "--auth", auth]
+    if auth not in ("trust", "cert"):
+        args += ["--pwfile", write_file(os.path.join(scratch, "pw"), password + "\n", 0o644)]
+    run = pgfast_cli(*args, timeout=60)
+    assert run.returncode == 0, run.output
+    hba = [line.split() for line in non_comment_lines(os.path.join(data_dir, "pg_hba.conf"))]
+    assert {fields[-1] for fields in hba if fields[0] == "local"} == {"peer" if auth == "cert" else auth}
+    server = start_server(data_dir, scratch, client_env)
+    servers.append(server)
+    server.start()
+    superuser = db_account().pw_name
+    local = psql_as_database_account(bindir, server, superuser, client_env,
+                                     password if auth not in ("trust", "cert") else None)
+    assert local.returncode == 0, local.stderr + server.log
+    assert local.stdout.strip() == f"local {superuser}"
+    dsn = printed_connection_string(run.output, server.port)
+    if auth == "cert":
+        # no CA yet: pg_hba's cert line says so, in PostgreSQL's words (init's report says what to add)
+        assert "root.crt" in run.output
+        refused = psql(bindir, dsn, "SELECT 1", client_env)
+        assert "client certificates can only be checked if a root certificate store is available" in refused.stderr
+    else:
+        assert_tls_query(bindir, dsn, dict(client_env, PGPASSWORD=password))
+    assert server.stop() == 0
+
+
+@requires_root
+def test_peer_refuses_another_operating_system_user(scratch, client_env, servers, bindir):
+    data_dir = os.path.join(scratch, "data")
+    assert pgfast_cli("init", "-D", data_dir, "--auth", "cert", timeout=60).returncode == 0
+    server = start_server(data_dir, scratch, client_env)
+    servers.append(server)
+    server.start()
+    as_root = subprocess.run([os.path.join(bindir, "psql"), "-X", "-h", server.socket_dir, "-p", str(server.port),
+                              "-U", db_account().pw_name, "-d", "postgres", "-c", "SELECT 1"],
+                             capture_output=True, text=True, timeout=30, env=client_env, stdin=subprocess.DEVNULL)
+    assert f'FATAL:  Peer authentication failed for user "{db_account().pw_name}"' in as_root.stderr
+    server.wait_for(f"LOG:  provided user name ({db_account().pw_name}) and authenticated user name (root) do not match")
+    assert server.stop() == 0
