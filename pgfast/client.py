@@ -129,7 +129,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._frontend.settings.authentication_timeout, self._on_timeout)
-        self._frontend.clients.add(self)
+        self._frontend.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self._state is State.TLS_HANDSHAKE:

@@ -54,7 +54,9 @@ class Settings:
     ident_file: str                         # absolute, default DIR/pg_ident.conf
     authentication_timeout: float           # seconds, default 60
     pgfast: dict[str, object] = field(default_factory=dict)        # 'pgfast.*' settings, typed
-    passthrough: tuple[tuple[str, str], ...] = ()   # -c settings pgfast does not use: given to postgres
+    # every -c setting but pgfast's own, for PostgreSQL too: a setting both sides read
+    # (max_connections, authentication_timeout, ...) must mean the same on both
+    postgres_overrides: tuple[tuple[str, str], ...] = ()
     raw: dict[str, str] = field(default_factory=dict)  # every setting seen (last wins), for diagnostics
 
 
@@ -617,7 +619,7 @@ def _socket_directories(data_dir: str, typed: dict[str, object],
 
 
 def _settings(data_dir: str, typed: dict[str, object], known: Mapping[str, str] | None,
-              passthrough: tuple[tuple[str, str], ...], raw: dict[str, str]) -> Settings:
+              postgres_overrides: tuple[tuple[str, str], ...], raw: dict[str, str]) -> Settings:
     return Settings(
         data_dir=data_dir,
         listen_addresses=typed.get("listen_addresses", ("localhost",)),
@@ -642,7 +644,7 @@ def _settings(data_dir: str, typed: dict[str, object], known: Mapping[str, str] 
         ident_file=_file(data_dir, typed.get("ident_file", "pg_ident.conf")),
         authentication_timeout=float(typed.get("authentication_timeout", 60)),
         pgfast={name: typed.get(name, default) for name, (_, default) in PGFAST_SETTINGS.items()},
-        passthrough=passthrough,
+        postgres_overrides=postgres_overrides,
         raw=raw,
     )
 
@@ -687,7 +689,7 @@ def load(data_dir: str, overrides: Iterable[tuple[str, str]] = (),
         _check_name(item, known)
     # File values are checked even when -c overrides them, as PostgreSQL does.
     typed = _typed(_effective(items)) | argument_values
-    passthrough = tuple((item.name, item.value) for item in arguments
-                        if _parser_for(_lower(item.name)) is None)
+    postgres_overrides = tuple((item.name, item.value) for item in arguments
+                               if _lower(item.name) not in PGFAST_SETTINGS)
     raw = {_lower(item.name): item.value for item in [*items, *arguments]}
-    return _settings(data_dir, typed, known, passthrough, raw)
+    return _settings(data_dir, typed, known, postgres_overrides, raw)

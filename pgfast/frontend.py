@@ -8,6 +8,7 @@ from .cancel import CancelKeys
 from .catalog import Catalog
 from .client import ClientConnection
 from .config import Settings
+from .memory import CHECK_SECONDS, Trimmer
 from .hba import HbaRules, IdentMap
 from .negotiation import CancelRequest
 from .pool import Pool
@@ -30,9 +31,20 @@ class Frontend:
         self.sessions = 0               # clients past their startup packet
         self.cancel_keys = CancelKeys()
         self._servers: list[asyncio.AbstractServer] = []
+        self._trimmer = Trimmer()
+        self._trim_timer: asyncio.TimerHandle | None = None
+
+    def client_opened(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+        self._trimmer.saw(len(self.clients))
+
+    def _check_memory(self) -> None:
+        self._trimmer.check(len(self.clients))
+        self._trim_timer = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._check_memory)
 
     async def serve(self, tcp_sockets, unix_sockets) -> None:
         loop = asyncio.get_running_loop()
+        self._trim_timer = loop.call_later(CHECK_SECONDS, self._check_memory)
         for sock in tcp_sockets:
             self._servers.append(await loop.create_server(lambda: ClientConnection(self, local=False), sock=sock))
         for sock, _path in unix_sockets:
@@ -45,6 +57,8 @@ class Frontend:
 
     async def shutdown(self, sqlstate: str, message: str) -> None:
         """Stop listening and end every client with this FATAL (where it can be said)."""
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         for server in self._servers:
             server.close()
         self.pool.begin_shutdown()

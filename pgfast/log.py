@@ -2,18 +2,90 @@
 
     2026-11-28 07:40:00.123 UTC [1234] LOG:  listening on IPv4 address "127.0.0.1", port 5432
 
-Everything goes to stderr, unbuffered, one write per message so lines from the
-PostgreSQL child (which shares stderr) never interleave inside a line.
+Everything goes to stderr, one write per message so lines from the PostgreSQL child
+(which shares stderr) never interleave inside a line.
+
+While pgfast serves, logging must never stop service: a message is queued and a writer
+thread writes it, so a stderr nobody reads (a full pipe) blocks that thread, never the
+event loop. The queue is bounded; what does not fit is dropped and counted, and the
+count is logged once the writer gets through again. Before serving (start-up errors)
+and after it, messages are written directly.
 """
+from __future__ import annotations
+
+import collections
 import os
 import sys
+import threading
 import time
+
+QUEUE_LIMIT = 10000      # messages waiting for the writer; beyond this they are dropped
 
 
 def _prefix() -> str:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
     return f"{stamp}.{int(now * 1000) % 1000:03d} UTC [{os.getpid()}] "
+
+
+def _write(data: bytes) -> None:
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (OSError, ValueError):
+        pass
+
+
+class _Writer(threading.Thread):
+    def __init__(self):
+        super().__init__(name="pgfast-log", daemon=True)
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dropped = 0
+
+    def put(self, data: bytes) -> None:
+        if len(self._queue) >= QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self._queue.append(data)
+        self._wake.set()
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                _write(self._queue.popleft())
+                if self.dropped and not self._queue:
+                    dropped, self.dropped = self.dropped, 0
+                    _write(f"{_prefix()}LOG:  {dropped} log messages were dropped because the log "
+                           f"destination did not keep up\n".encode())
+            if self._stopping:
+                return
+
+    def stop(self, timeout: float) -> None:
+        self._stopping = True
+        self._wake.set()
+        self.join(timeout)
+
+
+_writer: _Writer | None = None
+
+
+def start_background() -> None:
+    """From now on (while serving) messages are written by a thread of their own."""
+    global _writer
+    if _writer is None:
+        _writer = _Writer()
+        _writer.start()
+
+
+def stop_background(timeout: float = 2.0) -> None:
+    """Write what is queued (for at most timeout seconds), then write directly again."""
+    global _writer
+    writer, _writer = _writer, None
+    if writer is not None:
+        writer.stop(timeout)
 
 
 def emit(level: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
@@ -23,10 +95,12 @@ def emit(level: str, message: str, detail: str | None = None, hint: str | None =
         lines.append(f"{prefix}DETAIL:  {detail}\n")
     if hint:
         lines.append(f"{prefix}HINT:  {hint}\n")
-    try:
-        os.write(sys.stderr.fileno(), "".join(lines).encode("utf-8", "replace"))
-    except OSError:
-        pass
+    data = "".join(lines).encode("utf-8", "replace")
+    writer = _writer
+    if writer is not None:
+        writer.put(data)
+    else:
+        _write(data)
 
 
 def log(message: str, **kw) -> None:

@@ -206,7 +206,7 @@ class Pool:
             self._sweeper = None
         self.retire_idle()
 
-    async def close(self, timeout: float = 2.0) -> None:
+    async def close(self, timeout: float = 0.5) -> None:
         """Stop resets and cancels still running, close every backend, and give PostgreSQL
         a moment to let the idle ones go (a busy one ends with PostgreSQL's own shutdown)."""
         self.begin_shutdown()

@@ -27,20 +27,79 @@ _PRIVATE_HBA = ("# written by pgfast: PostgreSQL serves only pgfast, over this d
                 "local all all trust\nlocal replication all trust\n")
 
 
-def live_postmaster_pid(data_dir: str) -> int | None:
-    """The pid in postmaster.pid when that process still exists."""
+def _pid_file_lines(data_dir: str) -> list[str]:
     try:
         with open(os.path.join(data_dir, "postmaster.pid")) as f:
-            pid = int(f.readline().strip())
-    except (FileNotFoundError, ValueError):
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+def live_postmaster_pid(data_dir: str) -> int | None:
+    """The pid in postmaster.pid when that process still exists."""
+    lines = _pid_file_lines(data_dir)
+    try:
+        pid = int(lines[0].strip())
+    except (IndexError, ValueError):
         return None
+    return pid if _alive(pid) else None
+
+
+_SOCKET_DIR_PREFIX = "pgfast-"
+_OWNER_FILE = "pgfast.pid"
+
+
+def remove_stale_socket_dirs() -> None:
+    """Private socket directories of pgfast processes that no longer exist (killed with
+    SIGKILL, so they could not clean up): removed at start, if they are ours."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        if not name.startswith(_SOCKET_DIR_PREFIX):
+            continue
+        try:
+            if os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            with open(os.path.join(path, _OWNER_FILE)) as f:
+                owner = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
         pass
-    return pid
+    return True
+
+
+def _postmaster_status(data_dir: str, pid: int) -> str | None:
+    """Line 8 of postmaster.pid, when it is this postmaster's: its own report of its state
+    (starting, ready, standby, stopping)."""
+    lines = _pid_file_lines(data_dir)
+    if len(lines) >= 8 and lines[0].strip() == str(pid):
+        return lines[7].strip()
+    return None
+
+
+def wait_for_orphan(data_dir: str, pid: int, timeout: float = 30.0) -> bool:
+    """True once a postmaster that is shutting down (its pgfast was killed: PostgreSQL got
+    PDEATHSIG) has gone; False at once for one that is running."""
+    deadline = time.monotonic() + timeout
+    while _postmaster_status(data_dir, pid) == "stopping" and time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
 
 
 def _die_with_parent() -> None:
@@ -81,7 +140,7 @@ class Postmaster:
 
     def _user_args(self, skip=()) -> list[str]:
         args = [os.path.join(self.bindir, "postgres"), "-D", self.settings.data_dir]
-        for name, value in self.settings.passthrough:
+        for name, value in self.settings.postgres_overrides:
             if name not in skip:
                 args += ["-c", f"{name}={value}"]
         return args
@@ -96,25 +155,16 @@ class Postmaster:
 
     def start(self) -> None:
         """Start PostgreSQL and wait until it accepts connections."""
-        self.socket_dir = tempfile.mkdtemp(prefix="pgfast-")
+        self.socket_dir = tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX)
         os.chmod(self.socket_dir, 0o700)
+        with open(os.path.join(self.socket_dir, _OWNER_FILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
         with open(os.path.join(self.socket_dir, "pg_hba.conf"), "w") as f:
             f.write(_PRIVATE_HBA)
         open(os.path.join(self.socket_dir, "pg_ident.conf"), "w").close()
         self.process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_die_with_parent)
         self._wait_ready()
-
-    def _status(self) -> str | None:
-        # line 8 of postmaster.pid is the postmaster's own readiness report
-        try:
-            with open(os.path.join(self.settings.data_dir, "postmaster.pid")) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return None
-        if len(lines) >= 8 and lines[0].strip() == str(self.process.pid):
-            return lines[7].strip()
-        return None
 
     def _wait_ready(self) -> None:
         while True:
@@ -123,7 +173,7 @@ class Postmaster:
                 self._remove_socket_dir()
                 raise StartupError("PostgreSQL did not start",
                                    detail=f"postgres exited with status {code}; its messages are above.")
-            if self._status() in ("ready", "standby") and os.path.exists(self.socket_path):
+            if _postmaster_status(self.settings.data_dir, self.process.pid) in ("ready", "standby") and os.path.exists(self.socket_path):
                 return
             time.sleep(0.02)
 

@@ -20,8 +20,8 @@ from .catalog import Catalog
 from .errors import StartupError
 from .hba import load_hba, load_ident
 from .pool import Pool
-from .postmaster import Postmaster, live_postmaster_pid
 from .frontend import Frontend
+from .postmaster import Postmaster, live_postmaster_pid, remove_stale_socket_dirs, wait_for_orphan
 from .tls import load_server_tls, self_check
 
 try:
@@ -53,6 +53,8 @@ def _initialise_if_needed(data_dir: str, user: str | None) -> dict | None:
 
 def _check_not_running(data_dir: str) -> None:
     pid = live_postmaster_pid(data_dir)
+    if pid is not None and wait_for_orphan(data_dir, pid):
+        pid = None      # the PostgreSQL of a pgfast that was killed, which has now shut down
     if pid is not None:
         raise StartupError('lock file "postmaster.pid" already exists',
                            hint=f'Is another postmaster (PID {pid}) running in data directory "{data_dir}"?')
@@ -79,6 +81,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port)
     accounts.drop_privileges(account)
     accounts.check_reachable(data_dir, account)
+    remove_stale_socket_dirs()
     unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
     try:
         postmaster.start()
@@ -108,18 +111,29 @@ def _pool(settings: config.Settings, socket_path: str) -> Pool:
                 max_backends=settings.max_connections)
 
 
+class _Stop:
+    """Why pgfast stops: its exit status and what its clients are told (PostgreSQL's words)."""
+
+    def __init__(self, status: int, sqlstate: str, message: str):
+        self.status, self.sqlstate, self.message = status, sqlstate, message
+
+
 def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, unix_sockets) -> int:
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = loop.create_future()
 
-    def request_stop(reason: str, status: int) -> None:
+    def request_stop(stop: _Stop) -> None:
         if not stopping.done():
-            log.log(reason)
-            stopping.set_result(status)
+            stopping.set_result(stop)
 
-    loop.add_signal_handler(signal.SIGTERM, request_stop, "received fast shutdown request", 0)
-    loop.add_signal_handler(signal.SIGINT, request_stop, "received fast shutdown request", 0)
+    def on_signal() -> None:
+        if not stopping.done():
+            log.log("received fast shutdown request")
+        request_stop(_Stop(0, "57P01", "terminating connection due to administrator command"))
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
+    loop.add_signal_handler(signal.SIGINT, on_signal)
     loop.add_signal_handler(signal.SIGHUP, log.log,
                             "received SIGHUP: pgfast reads its configuration at start; restart it to apply changes")
     _watch_postmaster(loop, postmaster, request_stop)
@@ -127,17 +141,30 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, un
     async def main() -> int:
         frontend = Frontend(settings, hba, ident, tls, catalog, pool)
         await frontend.serve(tcp_sockets, unix_sockets)
+        log.start_background()
         log.log("database system is ready to accept connections")
-        status = await stopping
-        await frontend.shutdown("57P01", "terminating connection due to administrator command")
+        stop = await stopping
+        await frontend.shutdown(stop.sqlstate, stop.message)
         await pool.close()
         catalog.close()
-        return status
+        await _finish_tasks()
+        return stop.status
 
     try:
         return loop.run_until_complete(main())
     finally:
         loop.close()
+        log.stop_background()
+
+
+async def _finish_tasks() -> None:
+    """Whatever still runs (logins cut short, cancels being forwarded) ends here, before
+    the loop closes, so nothing is left pending."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _watch_postmaster(loop, postmaster: Postmaster, request_stop) -> None:
@@ -146,7 +173,8 @@ def _watch_postmaster(loop, postmaster: Postmaster, request_stop) -> None:
     process = postmaster.process
 
     def report() -> None:
-        request_stop(f"PostgreSQL exited unexpectedly with status {process.wait()}; shutting down", 1)
+        log.fatal(f"PostgreSQL exited unexpectedly with status {process.wait()}; shutting down")
+        request_stop(_Stop(1, "57P01", "terminating connection due to unexpected postmaster exit"))
 
     if hasattr(os, "pidfd_open"):
         fd = os.pidfd_open(process.pid)

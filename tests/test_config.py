@@ -286,11 +286,13 @@ def test_c_errors_come_before_file_errors(tmp_path):
     assert e.message == 'invalid value for parameter "port": "abc"'
 
 
-def test_passthrough_keeps_unconsumed_c_settings_in_order(tmp_path):
+def test_every_c_setting_but_pgfast_s_own_goes_to_postgresql_in_order(tmp_path):
     s = load_conf(tmp_path, "", [("shared_buffers", "1GB"), ("port", "6543"), ("pgfast.postgres_bin", "/x"),
-                                 ("auto_explain.log_min_duration", "0"), ("Work_Mem", "4MB")])
-    assert s.passthrough == (("shared_buffers", "1GB"), ("auto_explain.log_min_duration", "0"),
-                             ("Work_Mem", "4MB"))
+                                 ("auto_explain.log_min_duration", "0"), ("Work_Mem", "4MB"),
+                                 ("max_connections", "300"), ("authentication_timeout", "7s")])
+    assert s.postgres_overrides == (("shared_buffers", "1GB"), ("port", "6543"), ("auto_explain.log_min_duration", "0"),
+                                    ("Work_Mem", "4MB"), ("max_connections", "300"), ("authentication_timeout", "7s"))
+    assert s.max_connections == 300 and s.authentication_timeout == 7
     assert s.port == 6543
     assert s.raw["work_mem"] == "4MB"
 
@@ -319,7 +321,7 @@ def test_no_name_check_without_known(tmp_path):
 def test_dotted_names_are_placeholders(tmp_path):
     s = load_conf(tmp_path, "auto_explain.log_analyze = on\n", [("my.app.setting", "x")], known={})
     assert s.raw["auto_explain.log_analyze"] == "on"
-    assert s.passthrough == (("my.app.setting", "x"),)
+    assert s.postgres_overrides == (("my.app.setting", "x"),)
 
 
 @pytest.mark.parametrize("name", ["a..b", "a.1b", "a.", ".a", "a.b-c"])
@@ -338,7 +340,7 @@ def test_pgfast_settings(tmp_path):
     assert s.pgfast["pgfast.postgres_bin"] == "/opt/pg/bin/postgres"
     s = load_conf(tmp_path, "pgfast.postgres_bin = '/a'\n", [("pgfast.postgres_bin", "/b")])
     assert s.pgfast["pgfast.postgres_bin"] == "/b"
-    assert s.passthrough == ()
+    assert s.postgres_overrides == ()
 
 
 def test_unregistered_pgfast_setting_is_unknown(tmp_path):
@@ -490,7 +492,7 @@ def test_defaults(tmp_path):
         ssl_max_protocol_version="", ssl_ecdh_curve=None, ssl_prefer_server_ciphers=True,
         ssl_passphrase_command="", ssl_passphrase_command_supports_reload=False,
         hba_file=f"{d}/pg_hba.conf", ident_file=f"{d}/pg_ident.conf", authentication_timeout=60.0,
-        pgfast=PGFAST_DEFAULTS, passthrough=(), raw={})
+        pgfast=PGFAST_DEFAULTS, postgres_overrides=(), raw={})
 
 
 def test_socket_directory_default_comes_from_known(tmp_path):
