@@ -82,6 +82,11 @@ cdef class Relay:
                 and self.backend_stream.tx_status == b'I'
                 and self.client_stream.at_boundary and self.backend_stream.at_boundary)
 
+    @property
+    def at_boundary(self):
+        """Between two messages of what the client has been sent."""
+        return self.backend_stream.at_boundary
+
     def client_protocol(self):
         return ClientSide(self)
 

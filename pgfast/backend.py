@@ -6,12 +6,14 @@ already authenticated the client at the front.
 
 A backend's life is an explicit state machine, changed only in _set_state():
 
-    STARTING -> SERVING -> RESETTING -> IDLE -> SERVING ...
-                                     -> CLOSING -> CLOSED (from any; CLOSED once PostgreSQL has let go)
+    STARTING -> SERVING -> RESETTING -> IDLE -> SERVING ...     (session pooling)
+    STARTING -> SERVING -> IDLE -> SERVING ...                   (transaction pooling)
+             -> CLOSING -> CLOSED (from any; CLOSED once PostgreSQL has let go)
 
-While SERVING, the relay (pgfast._relay) is the protocol of the transport; in the
-other states this class is, and a reply (start-up, reset) is awaited by exactly one
-task, the one that owns the backend in that state.
+While SERVING, a relay (pgfast._relay, pgfast._txrelay) is the protocol of the
+transport; in the other states this class is, and a reply (start-up, reset, the
+settings of a client about to be greeted) is awaited by exactly one task, the one
+that owns the backend in that state.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import enum
 import struct
 import time
 
-from . import messages
+from . import log, messages
 from ._framing import ReadBuffer
 
 # Start-up and reset replies are small; anything near this is a broken peer.
@@ -49,10 +51,13 @@ class BackendState(enum.Enum):
 
 
 _ALLOWED = {
-    BackendState.STARTING: {BackendState.SERVING, BackendState.CLOSING, BackendState.CLOSED},
-    BackendState.SERVING: {BackendState.RESETTING, BackendState.CLOSING, BackendState.CLOSED},
-    BackendState.RESETTING: {BackendState.IDLE, BackendState.CLOSING, BackendState.CLOSED},
-    BackendState.IDLE: {BackendState.SERVING, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.STARTING: {BackendState.SERVING, BackendState.RESETTING, BackendState.IDLE, BackendState.CLOSING,
+                            BackendState.CLOSED},
+    # SERVING -> SERVING: transaction pooling hands a backend from one client to the next
+    BackendState.SERVING: {BackendState.SERVING, BackendState.RESETTING, BackendState.IDLE, BackendState.CLOSING,
+                           BackendState.CLOSED},
+    BackendState.RESETTING: {BackendState.IDLE, BackendState.SERVING, BackendState.CLOSING, BackendState.CLOSED},
+    BackendState.IDLE: {BackendState.SERVING, BackendState.RESETTING, BackendState.CLOSING, BackendState.CLOSED},
     BackendState.CLOSING: {BackendState.CLOSED},
     BackendState.CLOSED: set(),
 }
@@ -72,6 +77,11 @@ class BackendConnection(asyncio.Protocol):
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
         self.cancels: set[asyncio.Task] = set()  # cancel requests being forwarded to it
+        # transaction pooling (txpool.py): its pool, the statements prepared on it (oldest
+        # use first) and the ParameterStatus values it started with
+        self.pool = None
+        self.prepared: dict[bytes, None] = {}
+        self.startup_parameters: dict[str, str] = {}
         self._on_closed = on_closed              # told once PostgreSQL has let go
         self._inbuf = ReadBuffer()
         self._reply: asyncio.Future | None = None   # start-up or reset, until ReadyForQuery
@@ -153,14 +163,27 @@ class BackendConnection(asyncio.Protocol):
         self.transport.write(data)
         return self._reply
 
-    async def reset(self, query: str, timeout: float) -> None:
-        """Run the reset query (DISCARD ALL); raises if it fails or takes longer than timeout."""
+    async def run(self, query: str, timeout: float) -> dict[str, str] | None:
+        """Run a query of pgfast's (a reset, a client's settings) and note the settings it
+        reports; PostgreSQL's error fields if it failed. Raises if it takes longer than
+        timeout or the backend says more than it was asked."""
         self._set_state(BackendState.RESETTING)
         leftover = await asyncio.wait_for(self._request(messages.message(b"Q", query.encode() + b"\0")), timeout)
-        if self._error is not None or leftover:
-            raise ConnectionError(f"reset query failed: {self._error.get('M') if self._error else 'extra data'}")
+        if leftover:
+            raise ConnectionError("extra data after ReadyForQuery")
+        return self._error
+
+    async def reset(self, query: str, timeout: float) -> None:
+        """Run the reset query (DISCARD ALL); raises if it fails or takes longer than timeout."""
+        error = await self.run(query, timeout)
+        if error is not None:
+            raise ConnectionError(f"reset query failed: {error.get('M')}")
 
     # --- ownership -----------------------------------------------------------------------
+
+    def lend(self) -> None:
+        """Taken from a pool by a client (transaction pooling): its from now on."""
+        self._set_state(BackendState.SERVING)
 
     def serve(self, protocol) -> None:
         """Hand the transport to a client's relay."""
@@ -177,11 +200,6 @@ class BackendConnection(asyncio.Protocol):
         self._set_state(BackendState.IDLE)
         self.idle_since = time.monotonic()
 
-    def attach(self, protocol) -> None:
-        """For a backend pgfast itself talks to (the catalog session)."""
-        self._set_state(BackendState.SERVING)
-        self.transport.set_protocol(protocol)
-
     def close(self) -> None:
         """Terminate: PostgreSQL ends the session when it reads this (or the end of the
         connection), and the slot is free once it closes its end (connection_lost)."""
@@ -191,6 +209,18 @@ class BackendConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(messages.message(b"X", b""))
             self.transport.close()
+
+    def forward_cancel(self, socket_path: str) -> None:
+        """Send PostgreSQL a cancel for what this backend runs. Until it has acted on it,
+        the backend is in self.cancels, and pools do not hand it to anyone else."""
+        task = asyncio.get_running_loop().create_task(send_cancel(socket_path, self.pid, self.secret_key))
+        self.cancels.add(task)
+        task.add_done_callback(self._on_cancel_sent)
+
+    def _on_cancel_sent(self, task: asyncio.Task) -> None:
+        self.cancels.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.log(f"could not forward cancel request for process {self.pid}: {task.exception()}")
 
     async def closed_by_postgres(self, timeout: float) -> None:
         """Wait (at most timeout) until PostgreSQL has let this backend go."""

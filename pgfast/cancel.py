@@ -24,6 +24,14 @@ class CancelKeys:
         self._issued[pid] = (key, session)
         return key
 
+    def issue_virtual(self, session, length: int = 4) -> tuple[int, bytes]:
+        """A process ID and key for a client that has no backend of its own (transaction
+        pooling): above Linux's largest pid (2^22), so never a backend's."""
+        while True:
+            pid = secrets.randbelow((1 << 31) - (1 << 22)) + (1 << 22)
+            if pid not in self._issued:
+                return pid, self.issue(pid, session, length)
+
     def forget(self, pid: int, session) -> None:
         entry = self._issued.get(pid)
         if entry is not None and entry[1] is session:

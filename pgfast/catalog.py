@@ -49,7 +49,12 @@ LOGIN_FACTS = (
     " || pg_catalog.array_to_string(s.setconfig, ','), ';' ORDER BY s.setdatabase, s.setrole)"
     " FROM pg_catalog.pg_db_role_setting s WHERE s.setdatabase IN (0, d.oid) AND s.setrole IN (0, r.oid)), "
     "CASE WHEN $3 = 'roles' THEN (SELECT pg_catalog.array_to_json(pg_catalog.array_agg(m.rolname))::text"
-    " FROM pg_catalog.pg_roles m WHERE pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')) END "
+    " FROM pg_catalog.pg_roles m WHERE pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')) END, "
+    # pgfast's own settings from ALTER ROLE/DATABASE ... SET pgfast.x = ..., most specific last
+    "(SELECT pg_catalog.json_agg(pg_catalog.json_build_array(s.setdatabase <> 0, s.setrole <> 0, c)"
+    " ORDER BY (s.setrole <> 0), (s.setdatabase <> 0))::text"
+    " FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c"
+    " WHERE s.setdatabase IN (0, d.oid) AND s.setrole IN (0, r.oid) AND c LIKE 'pgfast.%') "
     "FROM (SELECT) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = $1 "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = $2")
@@ -67,6 +72,11 @@ class SessionRules:
     role_oid: str
     database_oid: str
     values: tuple[str | None, ...]
+
+    @property
+    def settings(self) -> str | None:
+        """ALTER ROLE/DATABASE ... SET for this role and database, as one string."""
+        return self.values[5]
 
     @property
     def poolable(self) -> bool:
@@ -91,6 +101,9 @@ class LoginFacts:
     credentials: Credentials | None       # None: no such role
     roles: frozenset[str] | None          # every role the user is a member of; None if not asked
     session_rules: SessionRules | None    # None: no such role or no such database
+    # pgfast.* settings set for the role and database (ALTER ROLE/DATABASE ... SET), as
+    # PostgreSQL applies them: role in database, then role, then database
+    settings: dict[str, str]
 
 
 def _extended_query(sql: str, params: list[str]) -> bytes:
@@ -147,7 +160,7 @@ class CatalogSession(asyncio.Protocol):
         self._buffer = ReadBuffer()
         self._queue: deque[_Request] = deque()
         self.idle_since = time.monotonic()
-        backend.attach(self)
+        backend.serve(self)
 
     @property
     def busy(self) -> bool:
@@ -307,7 +320,7 @@ class Catalog:
         if len(rows) != 1:
             raise CatalogError(f"the login query returned {len(rows)} rows")
         (_, _, _, role_oid, secret, can_login, expired, role_limit, database_oid, allow, database_limit,
-         connect, settings, memberships) = rows[0]
+         connect, settings, memberships, pgfast_settings) = rows[0]
         credentials = None if role_oid is None else Credentials(secret, can_login == "t", expired == "t")
         member_of = None
         if roles:
@@ -316,7 +329,11 @@ class Catalog:
         if role_oid is not None and database_oid is not None:
             rules = SessionRules(role_oid, database_oid,
                                  (can_login, role_limit, allow, database_limit, connect, settings))
-        return LoginFacts(credentials, member_of, rules)
+        overrides: dict[str, str] = {}
+        for _database, _role, setting in json.loads(pgfast_settings) if pgfast_settings else ():
+            name, _, value = setting.partition("=")
+            overrides[name.lower()] = value
+        return LoginFacts(credentials, member_of, rules, overrides)
 
     def let_go(self) -> None:
         """Leave the database the session is on (a client sent database DDL, which that

@@ -9,8 +9,11 @@ States change only in _set_state(), along these edges (any state may go to CLOSI
 
 NEGOTIATING and STARTUP read startup packets as PostgreSQL's ProcessStartupPacket does
 (pgfast.negotiation says what each asks for). AUTHENTICATING and CONNECTING run one
-login task (pgfast.login). In RELAYING the Cython relay is the protocol of both
-transports and calls back here only when a side ends.
+login task (pgfast.login, then a backend from the session pool, or for transaction
+pooling the greeting of one of the pool's backends). In RELAYING a Cython relay is the
+protocol of the client's transport (pgfast._relay with a backend of the client's own,
+pgfast._txrelay with backends lent per transaction through pgfast.txsession) and
+calls back here when a side ends.
 
 There is one way out, _disconnect(), as pgbouncer's disconnect_client: it says what may
 still be said (an alert during a handshake, never plaintext; an ErrorResponse only
@@ -30,6 +33,7 @@ from ._framing import ProtocolViolation, ReadBuffer
 from ._pump import TLSError
 from ._relay import Relay
 from .auth import MAX_AUTH_TOKEN_LENGTH, AuthFailed, ClientInfo
+from ._txrelay import TxRelay
 from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
 from .errors import Refused
@@ -37,6 +41,8 @@ from .login import log_in
 from .negotiation import (NEWEST_MINOR, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
                           unsupported_protocol)
 from .tls import TLSSession
+from .txpool import pool_key
+from .txsession import TransactionSession, greet
 
 # Flow control between the two sides of a relay: stop reading one side while the
 # other side's transport queue holds more than this.
@@ -97,8 +103,9 @@ class ClientConnection(asyncio.Protocol):
         self._timeout: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None      # the login
         self._waiter: asyncio.Future | None = None  # the login waits here for the client's next message
-        self._backend: BackendConnection | None = None
-        self._relay: Relay | None = None
+        self._backend: BackendConnection | None = None       # a backend of the client's own
+        self._relay: Relay | TxRelay | None = None
+        self._tx: TransactionSession | None = None            # ... or backends lent per transaction
         self._cancel_pid: int | None = None
 
     # --- state -------------------------------------------------------------------------
@@ -147,7 +154,7 @@ class ClientConnection(asyncio.Protocol):
         if self._state in _READING_STARTUP:
             self._do_negotiate()
         elif self._inbuf.size() > _PREAUTH_LIMIT:
-            self._refuse(Refused("08P01", "too much data received before authentication completed"))
+            self.refuse(Refused("08P01", "too much data received before authentication completed"))
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -176,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
         if self._state is State.TLS_HANDSHAKE or (tls is not None and tls.pump.failed):
             out = tls.pump.pending_ciphertext()     # the alert: no plaintext inside a handshake
         else:
-            if self._state is State.RELAYING and not self._relay.backend_stream.at_boundary:
+            if self._state is State.RELAYING and not self._relay.at_boundary:
                 notify = None   # the client is inside a message the backend was sending
             out = notify or b""
             if tls is not None:
@@ -204,11 +211,13 @@ class ClientConnection(asyncio.Protocol):
             self._frontend.sessions -= 1
         if self._cancel_pid is not None:
             self._frontend.cancel_keys.forget(self._cancel_pid, self)
+        if self._tx is not None:
+            self._tx.end()
         backend, self._backend = self._backend, None
         if backend is not None:
             self._frontend.pool.release(backend, self._relay is not None and self._relay.backend_clean())
 
-    def _refuse(self, refusal: Refused) -> None:
+    def refuse(self, refusal: Refused) -> None:
         """FATAL to the client and to the server log (PostgreSQL logs what it sends)."""
         log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail)
         self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail))
@@ -249,9 +258,9 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self._on_request(packet[0], interpret(*packet))
             except ProtocolViolation as exc:
-                self._refuse(Refused("08P01", str(exc)))
+                self.refuse(Refused("08P01", str(exc)))
             except Refused as refusal:
-                self._refuse(refusal)
+                self.refuse(refusal)
 
     def _on_request(self, code: int, request) -> None:
         if isinstance(request, SSLRequest) and SSLRequest not in self._answered:
@@ -288,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
             self._send(messages.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized_options))
         self._startup = startup
         self._frontend.sessions += 1
-        if self._frontend.sessions > self._frontend.settings.max_connections:
+        if self._frontend.sessions > self._frontend.client_limit:
             raise Refused("53300", "sorry, too many clients already")
         tls = self._frontend.tls
         info = ClientInfo(local=self._local, ssl=self._tls is not None, address=self._address, user=startup.user,
@@ -327,7 +336,7 @@ class ClientConnection(asyncio.Protocol):
     def _on_handshake_complete(self) -> None:
         self._set_state(State.STARTUP)
         if self._direct_tls and self._tls.alpn() is None:
-            self._refuse(Refused("08P01", "received direct SSL connection request without ALPN protocol "
+            self.refuse(Refused("08P01", "received direct SSL connection request without ALPN protocol "
                                           "negotiation extension"))
             return
         # the client may have sent its startup packet right behind its Finished
@@ -364,23 +373,37 @@ class ClientConnection(asyncio.Protocol):
         self._set_state(State.CONNECTING)
 
     async def _log_in(self, startup: StartupMessage, info: ClientInfo) -> None:
+        frontend = self._frontend
         try:
-            backend, leftover = await log_in(self._frontend, startup, info, self)
+            facts = await log_in(frontend, startup, info, self)
+            mode = frontend.pool_mode_for(startup, facts)
+            if mode == "transaction":
+                pool = frontend.tx_pools.pool_for(
+                    pool_key(facts.session_rules, startup.params), startup.params,
+                    f'role "{startup.user}", database "{startup.database}"',
+                    frontend.setting_for("pgfast.pool_size", facts))
+                params = await greet(frontend.tx_pools, pool, startup.params)
+            else:
+                rules = facts.session_rules if mode == "session" else None
+                backend, leftover = await frontend.pool.acquire(startup.params, rules)
         except Refused as refusal:
-            self._refuse(refusal)
+            self.refuse(refusal)
         except CatalogError as exc:
             log_catalog_failure(exc)
-            self._refuse(Refused("57P03", _NOT_ACCEPTING,
+            self.refuse(Refused("57P03", _NOT_ACCEPTING,
                                  detail="pgfast could not read PostgreSQL's catalogs; the server log says why."))
         except BackendRefused as refusal:
             self._disconnect(refusal.raw_error)     # PostgreSQL logged it; the client gets its words
         except OSError as exc:
-            self._refuse(Refused("57P03", _NOT_ACCEPTING, detail=f"pgfast could not reach PostgreSQL: {exc}"))
+            self.refuse(Refused("57P03", _NOT_ACCEPTING, detail=f"pgfast could not reach PostgreSQL: {exc}"))
         except Exception as exc:    # a bug must not leave the client waiting for authentication_timeout
             log.log(f"pgfast: unexpected {type(exc).__name__} while logging in a client (at {_where(exc)})")
             self._disconnect()
         else:
-            self._start_relaying(backend, leftover)
+            if mode == "transaction":
+                self._start_transaction_pooling(pool, params)
+            else:
+                self._start_relaying(backend, leftover)
 
     # --- the relay ---------------------------------------------------------------------
 
@@ -406,10 +429,35 @@ class ClientConnection(asyncio.Protocol):
         if pending:
             self._relay.forward_client(pending)
 
+    def _start_transaction_pooling(self, pool, params: dict[str, str]) -> None:
+        """Greet the client with what one of its pool's backends said, then relay its
+        messages to whichever backend the pool lends it for each transaction."""
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        self._task = None
+        pid, key = self._frontend.cancel_keys.issue_virtual(self)
+        self._cancel_pid = pid
+        self._set_state(State.RELAYING)
+        self._send(b"".join([messages.AUTHENTICATION_OK,
+                             *(messages.parameter_status(k, v) for k, v in params.items()),
+                             messages.backend_key_data(pid, key), messages.READY_IDLE]))
+        self._relay = TxRelay(None, self.transport, self._tls.pump if self._tls else None, params)
+        self._tx = TransactionSession(self, self._frontend.tx_pools, pool, self._relay,
+                                      self._frontend.settings.pgfast["pgfast.idle_transaction_timeout"],
+                                      self._frontend.socket_path)
+        self._relay.set_session(self._tx)
+        self.transport.set_protocol(self._relay.client_protocol())
+        pending = self._inbuf.take_all()
+        if pending:
+            self._relay.feed(pending)
+
     def forward_cancel(self) -> None:
-        """A CancelRequest with this session's key: for the backend it holds right now."""
-        if self._state is State.RELAYING and self._backend is not None:
-            self._frontend.pool.forward_cancel(self._backend)
+        """A CancelRequest with this session's key: for the backend running its work now."""
+        if self._tx is not None:
+            self._tx.forward_cancel()
+        elif self._state is State.RELAYING and self._backend is not None:
+            self._backend.forward_cancel(self._frontend.socket_path)
 
     # called by the relay
 

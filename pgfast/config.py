@@ -298,13 +298,32 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.postgres_bin": (_string, None),  # None: pgfast finds postgres itself
     # the role pgfast reads catalogs as; None: the account running PostgreSQL (initdb's default)
     "pgfast.admin_user": (_string, None),
-    # session pooling (pool.py): 'session' keeps backends for the next client, 'none' does not
-    "pgfast.pool_mode": (_enum("session", "none"), "session"),
-    "pgfast.pool_size": (_integer(0, 100000), 20),             # idle backends kept per startup packet
+    # 'session' keeps backends for the next client (pool.py), 'transaction' lends them for one
+    # transaction at a time (txpool.py), 'none' gives each client a backend of its own
+    "pgfast.pool_mode": (_enum("session", "transaction", "none"), "session"),
+    # session: idle backends kept per startup packet; transaction: backends per role and database
+    "pgfast.pool_size": (_integer(0, 100000), 20),
     "pgfast.pool_idle_timeout": (_integer(1, 86400, seconds=True), 600),
     "pgfast.pool_lifetime": (_integer(1, 864000, seconds=True), 3600),
     "pgfast.server_reset_query": (_string, "DISCARD ALL"),
+    # transaction pooling
+    "pgfast.max_client_conn": (_integer(1, 1000000), 10000),
+    "pgfast.query_wait_timeout": (_integer(1, 86400, seconds=True), 120),
+    "pgfast.reserve_pool_size": (_integer(0, 100000), 0),
+    "pgfast.reserve_pool_timeout": (_integer(0, 86400, seconds=True), 5),
+    "pgfast.min_pool_size": (_integer(0, 100000), 0),
+    "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
 }
+# pgfast settings that ALTER ROLE / ALTER DATABASE ... SET may override for a role or database
+PER_ROLE_SETTINGS = ("pgfast.pool_mode", "pgfast.pool_size")
+
+
+def parse_pgfast_setting(name: str, value: str) -> object:
+    """A pgfast setting's value from elsewhere than the files (the catalogs); ConfigError."""
+    try:
+        return PGFAST_SETTINGS[name][0](name, value)
+    except _BadValue as e:
+        raise ConfigError(e.message, hint=e.hint) from None
 
 # PostgreSQL 15 settings that --describe-config leaves out (GUC_NO_SHOW_ALL, GUC_NOT_IN_SAMPLE,
 # GUC_DISALLOW_IN_FILE) but that postgresql.conf or -c may still name; found by asking

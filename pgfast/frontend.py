@@ -1,5 +1,5 @@
 """What every client connection shares: configuration, rules, the TLS context, the
-catalogs, the pool, the cancel keys handed out, and the listening servers."""
+catalogs, the pools, the cancel keys handed out, and the listening servers."""
 from __future__ import annotations
 
 import asyncio
@@ -7,19 +7,23 @@ import asyncio
 from .cancel import CancelKeys
 from .catalog import Catalog
 from .client import ClientConnection
-from .config import Settings
+from .config import ConfigError, Settings, parse_pgfast_setting
 from .memory import CHECK_SECONDS, Trimmer
 from .hba import HbaRules, IdentMap
 from .negotiation import CancelRequest
 from .pool import Pool
 from .tls import ServerTLS
+from .txpool import TransactionPools
+from . import log
 
 
 class Frontend:
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
-                 catalog: Catalog, pool: Pool):
+                 catalog: Catalog, pool: Pool, tx_pools: TransactionPools, socket_path: str):
         self.settings = settings
+        self.tx_pools = tx_pools
+        self.socket_path = socket_path
         self.hba = hba
         self.ident = ident
         self.tls = tls
@@ -50,6 +54,34 @@ class Frontend:
         for sock, _path in unix_sockets:
             self._servers.append(await loop.create_unix_server(lambda: ClientConnection(self, local=True), sock=sock))
 
+    def setting_for(self, name: str, facts) -> object:
+        """A pgfast setting as it applies to a login: ALTER ROLE/DATABASE ... SET wins over
+        postgresql.conf, as for PostgreSQL's own settings; a value that is not valid is
+        logged and ignored."""
+        value = self.settings.pgfast[name]
+        override = facts.settings.get(name) if facts is not None else None
+        if override is not None:
+            try:
+                value = parse_pgfast_setting(name, override)
+            except ConfigError as exc:
+                log.warning(f"ignored {name} set for the role or database: {exc.message}")
+        return value
+
+    def pool_mode_for(self, startup, facts) -> str:
+        """session, transaction or none: a walsender, or a login the catalogs could not
+        describe, always gets a backend of its own."""
+        if startup.walsender or facts is None or facts.session_rules is None:
+            return "none"
+        return self.setting_for("pgfast.pool_mode", facts)
+
+    @property
+    def client_limit(self) -> int:
+        """Sessions pgfast takes: max_connections, each one a backend, unless backends are
+        lent per transaction, where pgfast.max_client_conn bounds the clients."""
+        if self.settings.pgfast["pgfast.pool_mode"] == "transaction":
+            return self.settings.pgfast["pgfast.max_client_conn"]
+        return self.settings.max_connections
+
     def cancel(self, request: CancelRequest) -> None:
         session = self.cancel_keys.session_for(request.pid, request.key)
         if session is not None:
@@ -62,6 +94,7 @@ class Frontend:
         for server in self._servers:
             server.close()
         self.pool.begin_shutdown()
+        self.tx_pools.begin_shutdown()
         for client in list(self.clients):
             client.terminate(sqlstate, message)
         for server in self._servers:

@@ -1,9 +1,9 @@
-"""The login decision: pg_hba.conf, authentication, and the backend the session starts on.
+"""The login decision: pg_hba.conf and authentication.
 
 One procedure for every client, whatever pg_hba.conf asks: it awaits only where it must
-ask someone (the catalogs, DNS, the client itself, PostgreSQL), and reads the catalogs
-at most once per login, so the role's credentials, memberships and the state its
-backend starts under are one consistent answer, read for this login alone.
+ask someone (the catalogs, DNS, the client itself), and reads the catalogs at most once
+per login, so the role's credentials, memberships, the state its backend starts under
+and its pgfast settings are one consistent answer, read for this login alone.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import asyncio
 from typing import Protocol
 
 from .auth import PASSWORD_METHODS, ClientInfo, authenticate_password, authorize, check_peer
-from .backend import BackendConnection
 from .catalog import CatalogError, LoginFacts, log_catalog_failure
 from .hba import resolve_client_hostname
 from .negotiation import StartupMessage
@@ -29,11 +28,11 @@ class Client(Protocol):
     def authenticated(self) -> None: ...
 
 
-async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Client
-                 ) -> tuple[BackendConnection, bytes]:
-    """A backend for an authenticated client, and any bytes it sent after its first
-    ReadyForQuery. Raises AuthFailed (refused), CatalogError (the catalogs cannot say),
-    BackendRefused (PostgreSQL said no) or OSError (PostgreSQL is unreachable)."""
+async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Client) -> LoginFacts | None:
+    """What the catalogs say of an authenticated client's role and database (None for a
+    walsender, which is never pooled, or when the catalogs could not say and pg_hba did
+    not need them). Raises AuthFailed (refused) or CatalogError (the catalogs cannot
+    say what authentication needs)."""
     facts: LoginFacts | None = None
     if frontend.hba.needs_roles:
         facts = await frontend.catalog.login_facts(info.user, info.database, roles=True)
@@ -43,8 +42,7 @@ async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Cl
     line = authorize(frontend.hba, frontend.ident, info, facts.roles if facts else None, hostname)
     # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
     # end what it holds (temporary replication slots, streaming)
-    poolable = frontend.pool.enabled and not startup.walsender
-    if facts is None and (line.method in PASSWORD_METHODS or poolable):
+    if facts is None and (line.method in PASSWORD_METHODS or not startup.walsender):
         try:
             facts = await frontend.catalog.login_facts(info.user, info.database, roles=False)
         except CatalogError as exc:
@@ -58,5 +56,4 @@ async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Cl
     elif line.method == "peer":
         check_peer(line, info, frontend.ident, client.peer_uid())
     client.authenticated()
-    rules = facts.session_rules if facts is not None and poolable else None
-    return await frontend.pool.acquire(startup.params, rules)
+    return facts if not startup.walsender else None

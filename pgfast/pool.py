@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 
 from . import log
-from .backend import BackendConnection, BackendRefused, open_backend, send_cancel
+from .backend import BackendConnection, BackendRefused, open_backend
 from .catalog import SessionRules
 
 _SWEEP_SECONDS = 5.0
@@ -32,15 +32,14 @@ _RETIRE_TIMEOUT = 5.0
 
 
 class Pool:
-    def __init__(self, socket_path: str, *, mode: str, size: int, idle_timeout: float, lifetime: float,
-                 reset_query: str, max_backends: int):
+    def __init__(self, socket_path: str, *, size: int, idle_timeout: float, lifetime: float,
+                 reset_query: str, backend_limit):
         self._socket_path = socket_path
-        self.enabled = mode == "session"
         self._size = size
         self._idle_timeout = idle_timeout
         self._lifetime = lifetime
         self._reset_query = reset_query
-        self._max_backends = max_backends
+        self._backend_limit = backend_limit       # () -> how many more backends PostgreSQL may take
         # every backend that holds a PostgreSQL slot as far as pgfast knows: from its
         # start until PostgreSQL has closed its end
         self._backends: set[BackendConnection] = set()
@@ -53,8 +52,11 @@ class Pool:
     def size(self) -> int:
         return len(self._backends)
 
-    def _key(self, params: list[tuple[str, str]], rules: SessionRules | None) -> tuple | None:
-        if not self.enabled or rules is None or not rules.poolable:
+    @staticmethod
+    def _key(params: list[tuple[str, str]], rules: SessionRules | None) -> tuple | None:
+        """None (never pooled): no rules (pool_mode none, a walsender, catalogs that could
+        not say), or a connection limit, which counts idle pooled sessions too."""
+        if rules is None or not rules.poolable:
             return None
         return rules.role_oid, rules.database_oid, tuple(sorted(params))
 
@@ -94,7 +96,7 @@ class Pool:
         backend = self.take_idle(params, rules)
         if backend is not None:
             return backend, b""
-        if self.size >= self._max_backends:
+        if self._backend_limit() <= 0:
             await self._retire_oldest_idle()
         while True:
             try:
@@ -121,19 +123,6 @@ class Pool:
             backend.close()
             return
         self._spawn(self._reset_and_park(backend))
-
-    def forward_cancel(self, backend: BackendConnection) -> None:
-        """Send PostgreSQL a cancel for what the backend runs; the backend is not reused
-        until PostgreSQL has acted on it."""
-        task = self._spawn(send_cancel(self._socket_path, backend.pid, backend.secret_key))
-        backend.cancels.add(task)
-        task.add_done_callback(lambda t: self._on_cancel_sent(backend, t))
-
-    @staticmethod
-    def _on_cancel_sent(backend: BackendConnection, task: asyncio.Task) -> None:
-        backend.cancels.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.log(f"could not forward cancel request for process {backend.pid}: {task.exception()}")
 
     async def _reset_and_park(self, backend: BackendConnection) -> None:
         if backend.cancels:

@@ -20,6 +20,7 @@ from .catalog import Catalog
 from .errors import StartupError
 from .hba import load_hba, load_ident
 from .pool import Pool
+from .txpool import TransactionPools
 from .frontend import Frontend
 from .postmaster import Postmaster, live_postmaster_pid, remove_stale_socket_dirs, wait_for_orphan
 from .tls import load_server_tls, self_check
@@ -87,8 +88,8 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         postmaster.start()
         admin = settings.pgfast.get("pgfast.admin_user") or account.name
         catalog = Catalog(postmaster.socket_path, admin)
-        pool = _pool(settings, postmaster.socket_path)
-        return _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, unix_sockets)
+        pool, tx_pools = _pools(settings, postmaster.socket_path)
+        return _serve(settings, hba, ident, tls, postmaster, catalog, pool, tx_pools, tcp_sockets, unix_sockets)
     finally:
         postmaster.stop()
         for _sock, path in unix_sockets:
@@ -102,13 +103,25 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
-def _pool(settings: config.Settings, socket_path: str) -> Pool:
+def _pools(settings: config.Settings, socket_path: str) -> tuple[Pool, TransactionPools]:
     option = settings.pgfast.get
-    return Pool(socket_path, mode=option("pgfast.pool_mode"), size=option("pgfast.pool_size"),
-                idle_timeout=option("pgfast.pool_idle_timeout"), lifetime=option("pgfast.pool_lifetime"),
-                reset_query=option("pgfast.server_reset_query"),
-                # PostgreSQL's own limit; its superuser_reserved_connections keep room for the catalog session
-                max_backends=settings.max_connections)
+    pools: list = []
+
+    def backend_limit() -> int:
+        # PostgreSQL's own limit; its superuser_reserved_connections keep room for the catalog session
+        return settings.max_connections - sum(p.size for p in pools)
+
+    pool = Pool(socket_path, size=option("pgfast.pool_size"), idle_timeout=option("pgfast.pool_idle_timeout"),
+                lifetime=option("pgfast.pool_lifetime"), reset_query=option("pgfast.server_reset_query"),
+                backend_limit=backend_limit)
+    tx_pools = TransactionPools(
+        socket_path, size=option("pgfast.pool_size"), reserve_size=option("pgfast.reserve_pool_size"),
+        reserve_timeout=option("pgfast.reserve_pool_timeout"), min_size=option("pgfast.min_pool_size"),
+        idle_timeout=option("pgfast.pool_idle_timeout"), lifetime=option("pgfast.pool_lifetime"),
+        query_wait_timeout=option("pgfast.query_wait_timeout"), reset_query=option("pgfast.server_reset_query"),
+        backend_limit=backend_limit)
+    pools += [pool, tx_pools]
+    return pool, tx_pools
 
 
 class _Stop:
@@ -118,7 +131,7 @@ class _Stop:
         self.status, self.sqlstate, self.message = status, sqlstate, message
 
 
-def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, unix_sockets) -> int:
+def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tx_pools, tcp_sockets, unix_sockets) -> int:
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = loop.create_future()
@@ -139,13 +152,13 @@ def _serve(settings, hba, ident, tls, postmaster, catalog, pool, tcp_sockets, un
     _watch_postmaster(loop, postmaster, request_stop)
 
     async def main() -> int:
-        frontend = Frontend(settings, hba, ident, tls, catalog, pool)
+        frontend = Frontend(settings, hba, ident, tls, catalog, pool, tx_pools, postmaster.socket_path)
         await frontend.serve(tcp_sockets, unix_sockets)
         log.start_background()
         log.log("database system is ready to accept connections")
         stop = await stopping
         await frontend.shutdown(stop.sqlstate, stop.message)
-        await pool.close()
+        await asyncio.gather(pool.close(), tx_pools.close())
         catalog.close()
         await _finish_tasks()
         return stop.status

@@ -1,0 +1,325 @@
+"""Transaction pooling: backends lent to clients one transaction at a time.
+
+There is one pool per role, database and startup parameters a backend cannot change
+later (pgfast carries client_encoding, DateStyle, TimeZone, application_name and the
+other reported settings from backend to backend itself, so those are not part of it).
+A pool holds at most pgfast.pool_size backends (pgfast.reserve_pool_size more for
+clients that have waited pgfast.reserve_pool_timeout), keeps pgfast.min_pool_size
+open, and lends them to clients in the order they asked; a client that waits longer
+than pgfast.query_wait_timeout is told so and disconnected.
+
+A backend comes back at the ReadyForQuery that ends its client's transaction with
+every request answered (the relay decides; see _txrelay.pyx), and is lent again at
+once, without a reset: between transactions there is nothing to reset. It is lent
+again only once every cancel forwarded for its last client has reached PostgreSQL.
+A client that leaves with work in flight leaves its backend closed, never lent again.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from . import log
+from ._txrelay import TRACKED
+from .backend import BackendConnection, BackendRefused, open_backend
+from .errors import Refused
+
+_TRACKED_LOWER = frozenset(name.lower() for name in TRACKED)
+_SWEEP_SECONDS = 5.0
+RESET_TIMEOUT = 5.0
+
+
+def pool_key(rules, params: list[tuple[str, str]]) -> tuple:
+    """What a backend must share with a client to serve it: the role and database (by
+    OID), the settings ALTER ROLE/DATABASE gives their sessions (changed ones make a new
+    pool, whose backends start under them), and the startup parameters pgfast does not
+    carry itself."""
+    return rules.role_oid, rules.database_oid, rules.settings, backend_params(params)
+
+
+def backend_params(params: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The startup packet a pool's backends are opened with: the client's, less the
+    settings pgfast carries, so each backend starts at the server's defaults for them."""
+    return tuple(sorted((k, v) for k, v in params if k.lower() not in _TRACKED_LOWER))
+
+
+class _Waiter:
+    __slots__ = ("client", "since", "timer")
+
+    def __init__(self, client, timer):
+        self.client = client
+        self.since = time.monotonic()
+        self.timer = timer
+
+
+class _Pool:
+    def __init__(self, key: tuple, params: tuple, description: str, size: int):
+        self.key = key
+        self.params = list(params)
+        self.description = description        # 'role "u", database "d"', for messages
+        self.size = size
+        self.idle: list[BackendConnection] = []
+        self.waiters: deque[_Waiter] = deque()
+        self.count = 0          # backends holding a slot: opening, idle, lent, being reset
+        self.opening = 0
+        self.reserve_timer: asyncio.TimerHandle | None = None
+        # the ParameterStatus values a new client is greeted with, by the settings it
+        # started with: read from a backend once, so a busy pool still greets at once
+        self.greetings: dict[tuple, dict[str, str]] = {}
+
+
+class TransactionPools:
+    def __init__(self, socket_path: str, *, size: int, reserve_size: int, reserve_timeout: float, min_size: int,
+                 idle_timeout: float, lifetime: float, query_wait_timeout: float, reset_query: str,
+                 backend_limit):
+        self._socket_path = socket_path
+        self._size = size
+        self._reserve_size = reserve_size
+        self._reserve_timeout = reserve_timeout
+        self._min_size = min_size
+        self._idle_timeout = idle_timeout
+        self._lifetime = lifetime
+        self._query_wait_timeout = query_wait_timeout
+        self._reset_query = reset_query
+        self._backend_limit = backend_limit       # () -> how many more backends PostgreSQL may take
+        self._pools: dict[tuple, _Pool] = {}
+        self._backends: set[BackendConnection] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    @property
+    def size(self) -> int:
+        return len(self._backends)
+
+    def pools(self) -> list[_Pool]:
+        return list(self._pools.values())
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def pool_for(self, key: tuple, params: list[tuple[str, str]], description: str, size: int | None = None) -> _Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(key, backend_params(params), description,
+                                            self._size if size is None else size)
+            self._keep_minimum(pool)
+            self._schedule_sweep()
+        return pool
+
+    # --- lending --------------------------------------------------------------------------
+
+    def lend(self, pool: _Pool, client) -> BackendConnection | None:
+        """A backend for the client's next transaction, or None: the client waits, and
+        client.backend_ready(backend) or client.backend_unavailable(refusal) follows."""
+        while pool.idle:
+            backend = pool.idle.pop()
+            if self._usable(backend):
+                backend.lend()
+                return backend
+            backend.close()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(client, loop.call_later(self._query_wait_timeout, self._wait_timed_out, pool, client))
+        pool.waiters.append(waiter)
+        self._grow(pool)
+        return None
+
+    def withdraw(self, pool: _Pool, client) -> None:
+        """The client is gone (or timed out) while waiting."""
+        for waiter in pool.waiters:
+            if waiter.client is client:
+                waiter.timer.cancel()
+                pool.waiters.remove(waiter)
+                return
+
+    def _wait_timed_out(self, pool: _Pool, client) -> None:
+        self.withdraw(pool, client)
+        client.backend_unavailable(Refused(
+            "53300", "no backend became free in time",
+            detail=f"The pool of {pool.description} was busy for pgfast.query_wait_timeout "
+                   f"({self._query_wait_timeout:g} s)."))
+
+    def _usable(self, backend: BackendConnection) -> bool:
+        return not backend.closed and time.monotonic() - backend.created < self._lifetime
+
+    def _grow(self, pool: _Pool) -> None:
+        """Open backends for the clients waiting, within the pool's size (or its reserve,
+        for clients that have waited long enough) and what PostgreSQL can take."""
+        limit = pool.size
+        if pool.waiters and self._reserve_size and time.monotonic() - pool.waiters[0].since >= self._reserve_timeout:
+            limit += self._reserve_size
+        while (pool.opening < len(pool.waiters) and pool.count < limit and self._backend_limit() > 0):
+            self._open(pool)
+        if pool.waiters and pool.count >= limit and self._reserve_size and pool.reserve_timer is None:
+            pool.reserve_timer = asyncio.get_running_loop().call_later(self._reserve_timeout, self._reserve_due, pool)
+
+    def _reserve_due(self, pool: _Pool) -> None:
+        pool.reserve_timer = None
+        self._grow(pool)
+
+    def _open(self, pool: _Pool) -> None:
+        pool.count += 1
+        pool.opening += 1
+        self._spawn(self._open_backend(pool))
+
+    async def _open_backend(self, pool: _Pool) -> None:
+        try:
+            backend, leftover = await open_backend(self._socket_path, pool.params, self._forget)
+        except asyncio.CancelledError:
+            pool.count -= 1
+            pool.opening -= 1
+            raise
+        except (BackendRefused, OSError) as exc:
+            pool.count -= 1
+            pool.opening -= 1
+            self._open_failed(pool, exc)
+            return
+        pool.opening -= 1
+        if leftover or backend.closed:
+            pool.count -= 1
+            backend.close()
+            return
+        backend.pool = pool
+        backend.prepared = {}
+        backend.startup_parameters = dict(backend.parameters)
+        self._backends.add(backend)
+        self._hand_out(backend)
+
+    def _open_failed(self, pool: _Pool, exc: Exception) -> None:
+        if isinstance(exc, BackendRefused) and exc.fields.get("C") == "53300" and pool.count > 0:
+            return              # PostgreSQL is full: the waiters get one of the pool's backends
+        if isinstance(exc, BackendRefused):
+            refusal = exc
+        else:
+            refusal = Refused("57P03", "the database system is not accepting connections",
+                              detail=f"pgfast could not reach PostgreSQL: {exc}")
+        if pool.count == 0:
+            while pool.waiters:
+                waiter = pool.waiters.popleft()
+                waiter.timer.cancel()
+                waiter.client.backend_unavailable(refusal)
+        else:
+            log.log(f"pgfast could not open a backend for {pool.description}: {exc}")
+
+    def _forget(self, backend: BackendConnection) -> None:
+        """PostgreSQL let the backend go."""
+        if backend in self._backends:
+            self._backends.discard(backend)
+            pool = backend.pool
+            pool.count -= 1
+            if backend in pool.idle:
+                pool.idle.remove(backend)
+            if not self._closing:
+                self._grow(pool)
+                self._keep_minimum(pool)
+
+    def _hand_out(self, backend: BackendConnection) -> None:
+        pool = backend.pool
+        if self._closing or not self._usable(backend):
+            backend.close()
+            return
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            waiter.timer.cancel()
+            backend.lend()
+            waiter.client.backend_ready(backend)
+            return
+        backend.park()
+        pool.idle.append(backend)
+
+    # --- taking back -----------------------------------------------------------------
+
+    def give_back(self, backend: BackendConnection) -> None:
+        """A transaction ended cleanly: the backend serves the next client, once cancels
+        forwarded for this one have reached PostgreSQL."""
+        backend.take_back()
+        if backend.cancels:
+            self._spawn(self._after_cancels(backend))
+        else:
+            self._hand_out(backend)
+
+    async def _after_cancels(self, backend: BackendConnection) -> None:
+        await asyncio.wait(set(backend.cancels))
+        self._hand_out(backend)
+
+    def end_session(self, backend: BackendConnection, clean: bool, pinned: bool) -> None:
+        """The client left holding this backend: closed unless clean; reset first if the
+        client had pinned it with session state."""
+        backend.take_back()
+        if not clean or self._closing:
+            backend.close()
+        elif pinned:
+            self._spawn(self._reset(backend))
+        else:
+            self.give_back(backend)
+
+    async def _reset(self, backend: BackendConnection) -> None:
+        if backend.cancels:
+            await asyncio.wait(set(backend.cancels))
+        try:
+            await backend.reset(self._reset_query, RESET_TIMEOUT)
+        except Exception as exc:
+            log.log(f"pgfast closed a pooled backend (PID {backend.pid}) whose reset failed: {exc}")
+            backend.close()
+            return
+        backend.prepared.clear()         # DISCARD ALL deallocated them
+        self._hand_out(backend)
+
+    # --- keeping the pools right ------------------------------------------------------
+
+    def _keep_minimum(self, pool: _Pool) -> None:
+        while not self._closing and pool.count < min(self._min_size, pool.size) and self._backend_limit() > 0:
+            self._open(pool)
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None and not self._closing:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for pool in self._pools.values():
+            surplus = pool.count - self._min_size
+            for backend in list(pool.idle):
+                expired = now - backend.created >= self._lifetime
+                if expired or (surplus > 0 and now - backend.idle_since >= self._idle_timeout):
+                    pool.idle.remove(backend)
+                    backend.close()
+                    surplus -= 1
+        if self._backends:
+            self._schedule_sweep()
+
+    def retire_idle(self) -> None:
+        """Let every idle backend go (their sessions would block database DDL)."""
+        for pool in self._pools.values():
+            idle, pool.idle = pool.idle, []
+            for backend in idle:
+                backend.close()
+
+    def begin_shutdown(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for pool in self._pools.values():
+            if pool.reserve_timer is not None:
+                pool.reserve_timer.cancel()
+            while pool.waiters:
+                pool.waiters.popleft().timer.cancel()
+        self.retire_idle()
+
+    async def close(self, timeout: float = 0.5) -> None:
+        self.begin_shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        backends = list(self._backends)
+        for backend in backends:
+            backend.close()
+        if backends:
+            await asyncio.wait([asyncio.ensure_future(b.closed_by_postgres(timeout)) for b in backends])
