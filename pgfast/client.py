@@ -208,7 +208,7 @@ class ClientConnection(asyncio.Protocol):
             self._waiter.cancel()
         self._frontend.clients.discard(self)
         if self._startup is not None:
-            self._frontend.sessions -= 1
+            self._frontend.give_client()
         if self._cancel_pid is not None:
             self._frontend.cancel_keys.forget(self._cancel_pid, self)
         if self._tx is not None:
@@ -295,10 +295,9 @@ class ClientConnection(asyncio.Protocol):
     def _on_startup_message(self, startup: StartupMessage) -> None:
         if startup.needs_negotiation:
             self._send(messages.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized_options))
-        self._startup = startup
-        self._frontend.sessions += 1
-        if self._frontend.sessions > self._frontend.client_limit:
+        if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
+        self._startup = startup
         tls = self._frontend.tls
         info = ClientInfo(local=self._local, ssl=self._tls is not None, address=self._address, user=startup.user,
                           database=startup.database, replication=startup.replication,

@@ -293,9 +293,21 @@ _HONOURED: dict[str, _Parser] = {
     "authentication_timeout": _integer(1, 600, seconds=True),
 }
 
+MAX_WORKERS = 64
+
+
+def _workers(name: str, value: str) -> int:
+    """'auto': one worker process per core, at most 8; or a number."""
+    if _lower(value.strip()) == "auto":
+        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return _integer(1, MAX_WORKERS)(name, value)
+
+
 # pgfast's own settings, name -> (parser, default). PostgreSQL treats them as custom placeholders.
 PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.postgres_bin": (_string, None),  # None: pgfast finds postgres itself
+    # worker processes sharing the listening ports (SO_REUSEPORT), each with its own event loop
+    "pgfast.workers": (_workers, _workers("pgfast.workers", "auto")),
     # the role pgfast reads catalogs as; None: the account running PostgreSQL (initdb's default)
     "pgfast.admin_user": (_string, None),
     # 'session' keeps backends for the next client (pool.py), 'transaction' lends them for one

@@ -3,7 +3,10 @@ catalogs, the pools, the cancel keys handed out, and the listening servers."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
+from ._shared import CLIENTS
 from .cancel import CancelKeys
 from .catalog import Catalog
 from .client import ClientConnection
@@ -20,8 +23,14 @@ from . import log
 class Frontend:
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
-                 catalog: Catalog, pool: Pool, tx_pools: TransactionPools, socket_path: str):
+                 catalog: Catalog, pool: Pool, tx_pools: TransactionPools, socket_path: str, shared,
+                 worker: int = 0, workers: int = 1, cancel_socket_path=None):
         self.settings = settings
+        self.shared = shared                  # _shared.Shared: what workers count together
+        self.worker = worker
+        self.workers = workers
+        self._cancel_socket_path = cancel_socket_path     # worker -> its cancel socket
+        self._cancel_socket: socket.socket | None = None
         self.tx_pools = tx_pools
         self.socket_path = socket_path
         self.hba = hba
@@ -33,7 +42,7 @@ class Frontend:
         self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
         self.clients: set[ClientConnection] = set()
         self.sessions = 0               # clients past their startup packet
-        self.cancel_keys = CancelKeys()
+        self.cancel_keys = CancelKeys(shared if workers > 1 else None)
         self._servers: list[asyncio.AbstractServer] = []
         self._trimmer = Trimmer()
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -49,6 +58,8 @@ class Frontend:
     async def serve(self, tcp_sockets, unix_sockets) -> None:
         loop = asyncio.get_running_loop()
         self._trim_timer = loop.call_later(CHECK_SECONDS, self._check_memory)
+        if self.workers > 1:
+            self._open_cancel_socket(loop)
         for sock in tcp_sockets:
             self._servers.append(await loop.create_server(lambda: ClientConnection(self, local=False), sock=sock))
         for sock, _path in unix_sockets:
@@ -82,7 +93,54 @@ class Frontend:
             return self.settings.pgfast["pgfast.max_client_conn"]
         return self.settings.max_connections
 
+    def take_client(self) -> bool:
+        """A place for one more session, within the limit across workers."""
+        if not self.shared.take(CLIENTS, self.client_limit):
+            return False
+        self.sessions += 1
+        return True
+
+    def give_client(self) -> None:
+        self.sessions -= 1
+        self.shared.give(CLIENTS)
+
     def cancel(self, request: CancelRequest) -> None:
+        """A CancelRequest, for whichever worker issued its key."""
+        owner = self.shared.owner_of(request.pid) if self.workers > 1 else None
+        if owner is not None and owner != self.worker:
+            try:
+                self._cancel_socket.sendto(request.pid.to_bytes(4, "big", signed=True) + request.key,
+                                           self._cancel_socket_path(owner))
+            except OSError as exc:
+                log.log(f"could not pass a cancel request to worker {owner}: {exc}")
+            return
+        session = self.cancel_keys.session_for(request.pid, request.key)
+        if session is not None:
+            session.forward_cancel()
+
+    def _open_cancel_socket(self, loop) -> None:
+        """Where other workers pass on CancelRequests for keys this worker issued."""
+        path = self._cancel_socket_path(self.worker)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        self._cancel_socket = sock
+
+        def passed_on() -> None:
+            while True:
+                try:
+                    data = sock.recv(512)
+                except BlockingIOError:
+                    return
+                if len(data) >= 5:
+                    self.cancel_here(CancelRequest(int.from_bytes(data[:4], "big", signed=True), data[4:]))
+        loop.add_reader(sock.fileno(), passed_on)
+
+    def cancel_here(self, request: CancelRequest) -> None:
         session = self.cancel_keys.session_for(request.pid, request.key)
         if session is not None:
             session.forward_cancel()

@@ -29,10 +29,12 @@ def _addresses(host: str, port: int) -> list[tuple[int, str]]:
     return seen
 
 
-def _bind_tcp(family: int, address: str, port: int) -> socket.socket:
+def _bind_tcp(family: int, address: str, port: int, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
@@ -44,8 +46,27 @@ def _bind_tcp(family: int, address: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_tcp(listen_addresses: tuple[str, ...], port: int) -> list[socket.socket]:
-    sockets = []
+def _bind_group(family: int, address: str, port: int, copies: int) -> list[socket.socket]:
+    """One listening socket, or `copies` sharing the address with SO_REUSEPORT (one accept
+    queue per worker). A plain bind first: SO_REUSEPORT would also share the port with
+    another process that set it, and the port must be ours alone."""
+    if copies == 1:
+        return [_bind_tcp(family, address, port)]
+    _bind_tcp(family, address, port).close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(copies):
+            group.append(_bind_tcp(family, address, port, reuse_port=True))
+    except OSError:
+        for sock in group:
+            sock.close()
+        raise
+    return group
+
+
+def bind_tcp(listen_addresses: tuple[str, ...], port: int, copies: int = 1) -> list[list[socket.socket]]:
+    """The listening sockets for each of `copies` workers (one list per worker)."""
+    sockets: list[list[socket.socket]] = []
     for host in listen_addresses:
         try:
             addresses = _addresses(host, port)
@@ -55,7 +76,7 @@ def bind_tcp(listen_addresses: tuple[str, ...], port: int) -> list[socket.socket
         for family, address in addresses:
             kind = "IPv4" if family == socket.AF_INET else "IPv6"
             try:
-                sockets.append(_bind_tcp(family, address, port))
+                sockets.append(_bind_group(family, address, port, copies))
             except OSError as exc:
                 hint = None
                 if exc.errno == errno.EADDRINUSE:
@@ -66,7 +87,7 @@ def bind_tcp(listen_addresses: tuple[str, ...], port: int) -> list[socket.socket
             log.log(f'listening on {kind} address "{address}", port {port}')
     if listen_addresses and not sockets:
         raise StartupError("could not create any TCP/IP sockets")
-    return sockets
+    return [[group[i] for group in sockets] for i in range(copies)]
 
 
 def _socket_in_use(path: str) -> bool:

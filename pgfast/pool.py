@@ -22,10 +22,16 @@ import time
 from collections import defaultdict
 
 from . import log
-from .backend import BackendConnection, BackendRefused, open_backend
+from ._shared import BACKENDS
+from .backend import BackendConnection, BackendRefused, BackendState, open_backend
 from .catalog import SessionRules
 
 _SWEEP_SECONDS = 5.0
+# With several workers: the name, in the shared counters, of "a worker needs room for a
+# backend", how often the others look, and how long the one in need waits for them.
+_ROOM_KEY = 2
+_BALANCE_SECONDS = 0.05
+_ROOM_WAIT = 2.0
 RESET_TIMEOUT = 5.0
 # How long a backend being let go may keep its slot before pgfast stops waiting for it.
 _RETIRE_TIMEOUT = 5.0
@@ -33,13 +39,17 @@ _RETIRE_TIMEOUT = 5.0
 
 class Pool:
     def __init__(self, socket_path: str, *, size: int, idle_timeout: float, lifetime: float,
-                 reset_query: str, backend_limit):
+                 reset_query: str, backend_limit, shared, balance: bool = False):
         self._socket_path = socket_path
         self._size = size
         self._idle_timeout = idle_timeout
         self._lifetime = lifetime
         self._reset_query = reset_query
         self._backend_limit = backend_limit       # () -> how many more backends PostgreSQL may take
+        self._shared = shared                     # _shared.Shared: backends are counted across workers
+        self._balance = balance                   # other workers exist, with idle backends of their own
+        self._balancer: asyncio.TimerHandle | None = None
+        self._wanting_room = 0
         # every backend that holds a PostgreSQL slot as far as pgfast knows: from its
         # start until PostgreSQL has closed its end
         self._backends: set[BackendConnection] = set()
@@ -67,7 +77,9 @@ class Pool:
         return task
 
     def _forget(self, backend: BackendConnection) -> None:
-        self._backends.discard(backend)
+        if backend in self._backends:
+            self._backends.discard(backend)
+            self._shared.add(BACKENDS, -1)
 
     # --- handing backends out -----------------------------------------------------------
 
@@ -96,18 +108,26 @@ class Pool:
         backend = self.take_idle(params, rules)
         if backend is not None:
             return backend, b""
-        if self._backend_limit() <= 0:
-            await self._retire_oldest_idle()
-        while True:
-            try:
-                backend, leftover = await open_backend(self._socket_path, params, self._forget)
-                break
-            except BackendRefused as refusal:
-                # PostgreSQL is full, at least for this role (superuser_reserved_connections):
-                # backends idle for other startup packets make room, oldest first
-                if refusal.fields.get("C") != "53300" or not await self._retire_oldest_idle():
-                    raise
-        if not backend.closed:
+        if self._backend_limit() <= 0 and not await self._retire_oldest_idle():
+            await self._room_from_other_workers()
+        self._shared.add(BACKENDS, 1)
+        try:
+            while True:
+                try:
+                    backend, leftover = await open_backend(self._socket_path, params, self._forget)
+                    break
+                except BackendRefused as refusal:
+                    # PostgreSQL is full, at least for this role (superuser_reserved_connections):
+                    # backends idle for other startup packets make room, oldest first
+                    if refusal.fields.get("C") != "53300" or not (
+                            await self._retire_oldest_idle() or await self._room_from_other_workers()):
+                        raise
+        except BaseException:
+            self._shared.add(BACKENDS, -1)
+            raise
+        if backend.state is BackendState.CLOSED:
+            self._shared.add(BACKENDS, -1)          # gone already: _forget found nothing to forget
+        else:
             self._backends.add(backend)
         backend.pool_key = self._key(params, rules)
         backend.rules = rules
@@ -143,6 +163,7 @@ class Pool:
         backend.park()
         idle.append(backend)
         self._schedule_sweep()
+        self._schedule_balance()
 
     # --- letting them go ---------------------------------------------------------------
 
@@ -159,6 +180,39 @@ class Pool:
         oldest.close()
         await oldest.closed_by_postgres(_RETIRE_TIMEOUT)
         return True
+
+    async def _room_from_other_workers(self) -> bool:
+        """PostgreSQL is full and this worker has no idle backend to let go: ask the
+        others (they close their oldest idle one) and wait a little for the room."""
+        if not self._balance:
+            return False
+        self._wanting_room += 1
+        self._shared.set_waiting(_ROOM_KEY, self._wanting_room)
+        try:
+            deadline = time.monotonic() + _ROOM_WAIT
+            while time.monotonic() < deadline:
+                await asyncio.sleep(_BALANCE_SECONDS)
+                if self._backend_limit() > 0:
+                    return True
+            return False
+        finally:
+            self._wanting_room -= 1
+            self._shared.set_waiting(_ROOM_KEY, self._wanting_room)
+
+    def _schedule_balance(self) -> None:
+        if self._balance and self._balancer is None and not self._closing:
+            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance)
+
+    def _rebalance(self) -> None:
+        self._balancer = None
+        idle = self._idle_backends()
+        if not idle:
+            return
+        if self._shared.waiting_elsewhere(_ROOM_KEY):
+            oldest = min(idle, key=lambda b: b.idle_since)
+            self._idle[oldest.pool_key].remove(oldest)
+            oldest.close()
+        self._schedule_balance()
 
     def retire_idle(self) -> None:
         """Let every idle backend go (their sessions would block database DDL)."""
@@ -193,6 +247,9 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._balancer is not None:
+            self._balancer.cancel()
+            self._balancer = None
         self.retire_idle()
 
     async def close(self, timeout: float = 0.5) -> None:

@@ -132,6 +132,9 @@ class Postmaster:
             "hba_file": os.path.join(self.socket_dir, "pg_hba.conf"),
             "ident_file": os.path.join(self.socket_dir, "pg_ident.conf"),
             "port": str(self.settings.port),
+            # max_connections counts clients; pgfast's own sessions (one catalog session
+            # per worker) come on top, so they never take a client's place
+            "max_connections": str(self.settings.max_connections + self.settings.pgfast["pgfast.workers"]),
         }
         args = self._user_args(skip=forced)
         for name, value in forced.items():

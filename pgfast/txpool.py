@@ -17,17 +17,22 @@ A client that leaves with work in flight leaves its backend closed, never lent a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import deque
 
 from . import log
+from ._shared import BACKENDS
 from ._txrelay import TRACKED
-from .backend import BackendConnection, BackendRefused, open_backend
+from .backend import BackendConnection, BackendRefused, BackendState, open_backend
 from .errors import Refused
 
 _TRACKED_LOWER = frozenset(name.lower() for name in TRACKED)
 _SWEEP_SECONDS = 5.0
 RESET_TIMEOUT = 5.0
+# with several workers, how often a pool that is full and has waiters looks again, and a
+# worker with idle backends looks whether another worker's clients wait for them
+_BALANCE_SECONDS = 0.05
 
 
 def pool_key(rules, params: list[tuple[str, str]]) -> tuple:
@@ -56,6 +61,8 @@ class _Waiter:
 class _Pool:
     def __init__(self, key: tuple, params: tuple, description: str, size: int):
         self.key = key
+        # the key's name in the counters shared by workers (Python's hash() is per process)
+        self.shared_key = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big") >> 1
         self.params = list(params)
         self.description = description        # 'role "u", database "d"', for messages
         self.size = size
@@ -72,7 +79,7 @@ class _Pool:
 class TransactionPools:
     def __init__(self, socket_path: str, *, size: int, reserve_size: int, reserve_timeout: float, min_size: int,
                  idle_timeout: float, lifetime: float, query_wait_timeout: float, reset_query: str,
-                 backend_limit):
+                 backend_limit, shared, balance: bool = False):
         self._socket_path = socket_path
         self._size = size
         self._reserve_size = reserve_size
@@ -83,6 +90,9 @@ class TransactionPools:
         self._query_wait_timeout = query_wait_timeout
         self._reset_query = reset_query
         self._backend_limit = backend_limit       # () -> how many more backends PostgreSQL may take
+        self._shared = shared                     # _shared.Shared: the limits hold across workers
+        self._balance = balance                   # other workers exist, with pools of their own
+        self._balancer: asyncio.TimerHandle | None = None
         self._pools: dict[tuple, _Pool] = {}
         self._backends: set[BackendConnection] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -126,6 +136,7 @@ class TransactionPools:
         waiter = _Waiter(client, loop.call_later(self._query_wait_timeout, self._wait_timed_out, pool, client))
         pool.waiters.append(waiter)
         self._grow(pool)
+        self._waiting_changed(pool)
         return None
 
     def withdraw(self, pool: _Pool, client) -> None:
@@ -134,7 +145,35 @@ class TransactionPools:
             if waiter.client is client:
                 waiter.timer.cancel()
                 pool.waiters.remove(waiter)
+                self._waiting_changed(pool)
                 return
+
+    def _waiting_changed(self, pool: _Pool) -> None:
+        if self._balance:
+            self._shared.set_waiting(pool.shared_key, len(pool.waiters))
+            self._schedule_balance()
+
+    def _schedule_balance(self) -> None:
+        if self._balancer is None and not self._closing:
+            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance)
+
+    def _rebalance(self) -> None:
+        """Pools are per worker, their limits global: a worker whose clients wait for a
+        full pool tries again to open a backend, and one with idle backends of that pool
+        closes one when another worker's clients wait, so that worker can open it."""
+        self._balancer = None
+        again = False
+        for pool in self._pools.values():
+            if pool.waiters:
+                self._grow(pool)
+                again = True
+            if pool.idle and self._shared.waiting_elsewhere(pool.shared_key):
+                pool.idle.pop(0).close()
+                again = True
+            elif pool.idle:
+                again = again or self._shared.pool_total(pool.shared_key) >= pool.size
+        if again:
+            self._schedule_balance()
 
     def _wait_timed_out(self, pool: _Pool, client) -> None:
         self.withdraw(pool, client)
@@ -152,7 +191,8 @@ class TransactionPools:
         limit = pool.size
         if pool.waiters and self._reserve_size and time.monotonic() - pool.waiters[0].since >= self._reserve_timeout:
             limit += self._reserve_size
-        while (pool.opening < len(pool.waiters) and pool.count < limit and self._backend_limit() > 0):
+        while (pool.opening < len(pool.waiters) and self._backend_limit() > 0
+               and self._shared.pool_take(pool.shared_key, limit)):
             self._open(pool)
         if pool.waiters and pool.count >= limit and self._reserve_size and pool.reserve_timer is None:
             pool.reserve_timer = asyncio.get_running_loop().call_later(self._reserve_timeout, self._reserve_due, pool)
@@ -162,25 +202,36 @@ class TransactionPools:
         self._grow(pool)
 
     def _open(self, pool: _Pool) -> None:
+        """Open a backend for pool, whose shared count the caller has taken a place in."""
         pool.count += 1
         pool.opening += 1
+        self._shared.add(BACKENDS, 1)
         self._spawn(self._open_backend(pool))
+
+    def _uncount(self, pool: _Pool) -> None:
+        pool.count -= 1
+        self._shared.pool_give(pool.shared_key)
+        self._shared.add(BACKENDS, -1)
 
     async def _open_backend(self, pool: _Pool) -> None:
         try:
             backend, leftover = await open_backend(self._socket_path, pool.params, self._forget)
         except asyncio.CancelledError:
-            pool.count -= 1
             pool.opening -= 1
+            self._uncount(pool)
             raise
         except (BackendRefused, OSError) as exc:
-            pool.count -= 1
             pool.opening -= 1
+            self._uncount(pool)
             self._open_failed(pool, exc)
             return
         pool.opening -= 1
         if leftover or backend.closed:
-            pool.count -= 1
+            if backend.state is BackendState.CLOSED:
+                self._uncount(pool)      # gone already: _forget found nothing to forget
+            else:
+                backend.pool = pool      # counted until PostgreSQL lets it go
+                self._backends.add(backend)
             backend.close()
             return
         backend.pool = pool
@@ -210,7 +261,7 @@ class TransactionPools:
         if backend in self._backends:
             self._backends.discard(backend)
             pool = backend.pool
-            pool.count -= 1
+            self._uncount(pool)
             if backend in pool.idle:
                 pool.idle.remove(backend)
             if not self._closing:
@@ -225,11 +276,14 @@ class TransactionPools:
         while pool.waiters:
             waiter = pool.waiters.popleft()
             waiter.timer.cancel()
+            self._waiting_changed(pool)
             backend.lend()
             waiter.client.backend_ready(backend)
             return
         backend.park()
         pool.idle.append(backend)
+        if self._balance:
+            self._schedule_balance()
 
     # --- taking back -----------------------------------------------------------------
 
@@ -272,7 +326,8 @@ class TransactionPools:
     # --- keeping the pools right ------------------------------------------------------
 
     def _keep_minimum(self, pool: _Pool) -> None:
-        while not self._closing and pool.count < min(self._min_size, pool.size) and self._backend_limit() > 0:
+        while (not self._closing and pool.count < min(self._min_size, pool.size) and self._backend_limit() > 0
+               and self._shared.pool_take(pool.shared_key, pool.size)):
             self._open(pool)
 
     def _schedule_sweep(self) -> None:
@@ -305,11 +360,15 @@ class TransactionPools:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._balancer is not None:
+            self._balancer.cancel()
+            self._balancer = None
         for pool in self._pools.values():
             if pool.reserve_timer is not None:
                 pool.reserve_timer.cancel()
             while pool.waiters:
                 pool.waiters.popleft().timer.cancel()
+            self._waiting_changed(pool)
         self.retire_idle()
 
     async def close(self, timeout: float = 0.5) -> None:

@@ -143,7 +143,8 @@ def template_cluster(bindir, scratch_root) -> str:
                    check=True, capture_output=True, cwd="/",
                    **({"user": account.pw_uid, "group": account.pw_gid} if os.geteuid() == 0 else {}))
     with open(os.path.join(data, "postgresql.conf"), "a") as f:
-        f.write("\nfsync = off\nshared_buffers = 16MB\npgfast.admin_user = 'postgres'\n")
+        # one worker unless a test says otherwise: pooling tests follow backends within one worker
+        f.write("\nfsync = off\nshared_buffers = 16MB\npgfast.admin_user = 'postgres'\npgfast.workers = 1\n")
     return data
 
 

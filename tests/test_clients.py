@@ -104,7 +104,9 @@ def servers(template_cluster, module_dir, ca, env):
             certs.write(os.path.join(data, "server.key"), server_cert.key_pem(), 0o600)
             write_file(os.path.join(data, "pg_hba.conf"),
                        f"local all all trust\n{kind} all all all trust\n")
-            append_conf(data, "ssl = on")
+            # every client here goes through two worker processes, as the default (auto) has it on
+            # a machine with two cores
+            append_conf(data, "ssl = on\npgfast.workers = 2")
             chown_tree(data)
             socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
             os.chmod(socket_dir, 0o777)
