@@ -29,8 +29,12 @@ cdef class ReadBuffer:
             # everything consumed: restart at the front instead of growing forever
             self._buf = bytearray(data)
             self._pos = 0
-        else:
-            self._buf += data
+            return
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            # mostly consumed, a partial message pending: drop what was taken
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
 
     cpdef Py_ssize_t size(self):
         return len(self._buf) - self._pos
@@ -66,7 +70,7 @@ cdef class ReadBuffer:
             return None
         cdef const unsigned char *head = self._head()
         cdef uint32_t length = _be32(head + 1)
-        if length < 4 or length > <uint32_t>max_length:
+        if length < 4 or <Py_ssize_t>length > max_length:
             raise ProtocolViolation(f"invalid message length {length}")
         if avail < 1 + <Py_ssize_t>length:
             return None

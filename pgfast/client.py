@@ -219,8 +219,8 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, refusal: Refused) -> None:
         """FATAL to the client and to the server log (PostgreSQL logs what it sends)."""
-        log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail)
-        self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail))
+        log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail, hint=refusal.hint)
+        self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint))
 
     def terminate(self, sqlstate: str, text: str) -> None:
         self._disconnect(messages.error(sqlstate, text))

@@ -39,9 +39,15 @@ class Refused(Exception):
     PostgreSQL words it, and the real reason for the server log only (log_detail, as
     PostgreSQL's errdetail_log) apart from what the client may see (detail)."""
 
-    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None, detail: str | None = None):
+    def __init__(self, sqlstate: str, message: str, log_detail: str | None = None, detail: str | None = None,
+                 hint: str | None = None):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
         self.log_detail = log_detail
         self.detail = detail
+        self.hint = hint
+
+
+class AuthFailed(Refused):
+    """pg_hba.conf or an authentication exchange said no."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ._framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
                        ProtocolViolation, parse_startup_parameters)
+from .config import _BadValue, _boolean
 from .errors import Refused
 
 NEWEST_MINOR = 0      # protocol 3.0
@@ -70,18 +71,33 @@ def unsupported_protocol(code: int) -> Refused:
                             f"server supports 3.0 to 3.{NEWEST_MINOR}")
 
 
-def _replication_mode(value: str | None) -> bool:
-    """True for physical replication; logical (database) connections match pg_hba
-    by database like any other."""
-    if value is None or value.lower() == "database":
-        return False
-    lowered = value.lower()
-    if lowered in ("true", "on", "yes", "1"):
-        return True
-    if lowered in ("false", "off", "no", "0"):
-        return False
-    raise Refused("22023", f'invalid value for parameter "replication": "{value}"',
-                  detail="Valid values are: \"false\", 0, \"true\", 1, \"database\".")
+NAMEDATALEN = 64
+
+
+def _replication(params: list[tuple[str, str]]) -> tuple[bool, bool]:
+    """(physical replication, walsender) from the replication parameters, in the order sent,
+    as ProcessStartupPacket reads them: "database" (exactly) is a logical walsender, anything
+    else must be a Boolean as parse_bool reads one."""
+    physical = walsender = False
+    for name, value in params:
+        if name != "replication":
+            continue
+        if value == "database":
+            physical, walsender = False, True
+            continue
+        try:
+            physical = walsender = _boolean("replication", value)
+        except _BadValue:
+            raise Refused("22023", f'invalid value for parameter "replication": "{value}"',
+                          hint='Valid values are: "false", 0, "true", 1, "database".') from None
+    return physical, walsender
+
+
+def _name(value: str) -> str:
+    """Truncated to a PostgreSQL name (NAMEDATALEN - 1 bytes), as PostgreSQL truncates the
+    user and database names of a startup packet before anything looks them up."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return raw[:NAMEDATALEN - 1].decode("utf-8", "surrogateescape") if len(raw) >= NAMEDATALEN else value
 
 
 def _startup_message(minor: int, body: bytes) -> StartupMessage:
@@ -95,9 +111,9 @@ def _startup_message(minor: int, body: bytes) -> StartupMessage:
     # PostgreSQL accepts from the client past its 10000-byte limit
     params = [(k, v) for k, v in params if not k.startswith("_pq_.")]
     values = dict(params)
+    replication, walsender = _replication(params)
     user = values.get("user")
     if not user:
         raise Refused("28000", "no PostgreSQL user name specified in startup packet")
-    replication = _replication_mode(values.get("replication"))
-    walsender = replication or values.get("replication", "").lower() == "database"
-    return StartupMessage(minor, params, options, user, values.get("database") or user, replication, walsender)
+    return StartupMessage(minor, params, options, _name(user), _name(values.get("database") or user),
+                          replication, walsender)
