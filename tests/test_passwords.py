@@ -23,6 +23,7 @@ import asyncio
 import base64
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import os
 import re
@@ -946,3 +947,47 @@ def test_init_with_scram_and_pwfile(scratch, client_env, bindir, pgfast_factory)
     assert (f'FATAL:  no pg_hba.conf entry for host "127.0.0.1", user "{user}", database "postgres", '
             "no encryption") in plain.stderr
     assert server.stop() == 0
+
+
+# ---------------------------------------------------------------- every secret PostgreSQL accepts
+
+def _postgres_scram_secret(password: bytes, iterations: int, salt: bytes) -> str:
+    """What PostgreSQL stores for a password (scram_build_secret), for any iteration count
+    and salt (PostgreSQL 16's scram_iterations goes below 4096)."""
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored = hashlib.sha256(client_key).digest()
+    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = lambda b: base64.b64encode(b).decode()
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server)}"
+
+
+@pytest.mark.parametrize("iterations,salt_length", [(100, 16), (4096, 8), (1, 1)])
+@pytest.mark.parametrize("database", ["scramdb", "pwdb"])
+def test_scram_secrets_below_rfc_minimums_work_as_in_postgresql(ecdsa, attempt, bindir, module_env,
+                                                                 iterations, salt_length, database):
+    role = f"low_{iterations}_{salt_length}_{database}"
+    secret = _postgres_scram_secret(b"low-secret", iterations, bytes(range(salt_length)))
+    result = psql(bindir, f"host={ecdsa.socket_dir} port={ecdsa.port} dbname=postgres user=postgres",
+                  f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'", module_env)
+    assert result.returncode == 0, result.stderr
+    # libpq: pure-Python SCRAM clients (scramp, so pg8000) refuse fewer than 4096 iterations themselves
+    assert attempt(ecdsa, role, database, "low-secret", client="psql-env") == ok(role)
+    assert_refused(attempt(ecdsa, role, database, "wrong", client="psql-env"), failed(role), "28P01")
+
+
+def test_a_password_that_is_not_utf8_is_checked_as_its_bytes(ecdsa, bindir, module_env):
+    """PostgreSQL uses the raw bytes when SASLprep cannot apply (here: not UTF-8)."""
+    raw = b"caf\xe9-latin1"
+    secret = _postgres_scram_secret(raw, 4096, bytes(16))
+    result = psql(bindir, f"host={ecdsa.socket_dir} port={ecdsa.port} dbname=postgres user=postgres",
+                  f"CREATE ROLE rawbytes LOGIN PASSWORD '{secret}'", module_env)
+    assert result.returncode == 0, result.stderr
+    for password, expected in ((raw, "R"), (b"cafe-latin1", "E")):
+        client = RawClient(ecdsa)
+        client.startup("rawbytes", "pwdb")
+        msg_type, payload = client.read()
+        assert (msg_type, payload[:4]) == (b"R", struct.pack("!i", AUTH_CLEARTEXT))
+        client.send(message(b"p", password + b"\0"))
+        assert client.read()[0] == expected.encode()
+        client.close()
