@@ -43,6 +43,7 @@ class ClientInfo:
     replication: bool         # physical replication (replication=true)
     certificate_cn: str | None  # CN of the verified client certificate
     ca_loaded: bool = True    # a root certificate store (ssl_ca_file, root.crt) is in force
+    server_end_point: bytes | None = None   # SCRAM channel binding data of the TLS session
 
     @property
     def host(self) -> str:

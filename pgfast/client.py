@@ -298,11 +298,12 @@ class ClientConnection(asyncio.Protocol):
         if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
         self._startup = startup
-        tls = self._frontend.tls
-        info = ClientInfo(local=self._local, ssl=self._tls is not None, address=self._address, user=startup.user,
+        tls = self._tls.server if self._tls is not None else None      # a reload does not change it under us
+        info = ClientInfo(local=self._local, ssl=tls is not None, address=self._address, user=startup.user,
                           database=startup.database, replication=startup.replication,
                           certificate_cn=self._tls.peer_cn() if self._tls is not None else None,
-                          ca_loaded=tls is not None and tls.requests_client_cert)
+                          ca_loaded=tls is not None and tls.requests_client_cert,
+                          server_end_point=tls.server_end_point if tls is not None else None)
         self._set_state(State.AUTHENTICATING)
         self._task = asyncio.get_running_loop().create_task(self._log_in(startup, info))
 

@@ -65,6 +65,16 @@ class Frontend:
         for sock, _path in unix_sockets:
             self._servers.append(await loop.create_unix_server(lambda: ClientConnection(self, local=True), sock=sock))
 
+    def apply(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None) -> None:
+        """A reload: what new connections get from now on (open ones keep theirs)."""
+        self.settings = settings
+        self.hba = hba
+        self.ident = ident
+        self.tls = tls
+        self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
+        self.pool.configure(settings.pgfast)
+        self.tx_pools.configure(settings.pgfast)
+
     def setting_for(self, name: str, facts) -> object:
         """A pgfast setting as it applies to a login: ALTER ROLE/DATABASE ... SET wins over
         postgresql.conf, as for PostgreSQL's own settings; a value that is not valid is

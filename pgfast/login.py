@@ -51,7 +51,7 @@ async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Cl
             log_catalog_failure(exc)        # then a fresh backend, and PostgreSQL decides
     if line.method in PASSWORD_METHODS:
         await authenticate_password(line, info, client, facts.credentials,
-                                    frontend.tls.server_end_point if info.ssl else None,
+                                    info.server_end_point,
                                     frontend.password_encryption)
     elif line.method == "peer":
         check_peer(line, info, frontend.ident, client.peer_uid())

@@ -58,6 +58,13 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
 
+    def configure(self, pgfast: dict) -> None:
+        """Settings read again by a reload."""
+        self._size = pgfast["pgfast.pool_size"]
+        self._idle_timeout = pgfast["pgfast.pool_idle_timeout"]
+        self._lifetime = pgfast["pgfast.pool_lifetime"]
+        self._reset_query = pgfast["pgfast.server_reset_query"]
+
     @property
     def size(self) -> int:
         return len(self._backends)

@@ -28,12 +28,13 @@ from .worker import Service, serve
 # getaddrinfo, traceback printing) could then never be loaded.
 
 
-def _load_settings(data_dir: str, overrides: list[tuple[str, str]]) -> tuple[config.Settings, str]:
+def _load_settings(data_dir: str, overrides: list[tuple[str, str]]) -> tuple[config.Settings, str, dict]:
     # pgfast.postgres_bin can only come from the configuration, and the names
     # PostgreSQL knows can only come from that binary: read twice
     first = config.load(data_dir, overrides, known=None)
     bindir = pgbin.find_bindir(first.pgfast.get("pgfast.postgres_bin"))
-    return config.load(data_dir, overrides, known=config.describe_config(bindir)), bindir
+    known = config.describe_config(bindir)
+    return config.load(data_dir, overrides, known=known), bindir, known
 
 
 def _initialise_if_needed(data_dir: str, user: str | None) -> dict | None:
@@ -58,7 +59,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
         raise StartupError(f'"{data_dir}" is not a valid data directory',
                            detail='File "PG_VERSION" is missing.')
-    settings, bindir = _load_settings(data_dir, overrides)
+    settings, bindir, known = _load_settings(data_dir, overrides)
     if initialised:
         print(initdb.report(initialised, settings.port), file=sys.stderr, flush=True)
     account = accounts.database_account(data_dir, user)
@@ -81,7 +82,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         postmaster.start()
         service = Service(settings, hba, ident, tls, postmaster.socket_dir, postmaster.socket_path,
                           postmaster.process.pid, settings.pgfast.get("pgfast.admin_user") or account.name,
-                          unix_sockets, Shared(), workers)
+                          unix_sockets, Shared(), workers, list(overrides), known, account.uid)
         if workers == 1:
             return serve(service, 0, tcp_sockets[0], supervised=False)
         return Supervisor(service, tcp_sockets, postmaster).run()

@@ -18,6 +18,7 @@ import socket
 import time
 
 from . import log
+from .reload import reload
 from .worker import Service, prepare_forked_worker, serve
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
@@ -76,7 +77,15 @@ class Supervisor:
                 self._stop_workers()
                 return 0
             if info.si_signo == signal.SIGHUP:
-                log.log("received SIGHUP: pgfast reads its configuration at start; restart it to apply changes")
+                # read and report here (a worker started again later gets what this read),
+                # then each worker applies it, and PostgreSQL reloads its own
+                reload(self._service)
+                for pid in self._workers:
+                    os.kill(pid, signal.SIGHUP)
+                try:
+                    os.kill(self._postmaster.process.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
                 continue
             if self._postmaster.process.poll() is not None:
                 log.fatal(f"PostgreSQL exited unexpectedly with status {self._postmaster.process.returncode}; "

@@ -62,9 +62,10 @@ class TLSSession:
     callbacks see and which answers questions about the session), the Cython pump that
     moves its records, and what the callbacks learned about it."""
 
-    __slots__ = ("connection", "pump", "verify_failure", "__weakref__")
+    __slots__ = ("connection", "pump", "verify_failure", "server", "__weakref__")
 
-    def __init__(self, context: SSL.Context):
+    def __init__(self, context: SSL.Context, server: "ServerTLS | None" = None):
+        self.server = server            # the context's facts, as they were when the handshake began
         self.connection = SSL.Connection(context, None)
         self.connection.set_accept_state()
         self.pump: TLSPump = pump_for(self.connection)
@@ -103,14 +104,16 @@ class ServerTLS:
         self.server_end_point = server_end_point_hash(certificate)
 
     def new_session(self) -> TLSSession:
-        return TLSSession(self.context)
+        return TLSSession(self.context, self)
 
 
-def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool) -> ServerTLS:
+def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool, reloading: bool = False) -> ServerTLS:
     """Build the server context from settings, or raise TLSSetupError as PostgreSQL would.
 
     db_uid is the user the key file must belong to (besides root); interactive says a
-    passphrase may be asked for on the terminal (the caller passes stdin.isatty()).
+    passphrase may be asked for on the terminal (the caller passes stdin.isatty());
+    reloading applies PostgreSQL's rule that a key needing a passphrase is reloaded only
+    through an ssl_passphrase_command that supports it.
     """
     shown = functools.partial(_path_in_messages, data_dir=os.path.abspath(settings.data_dir))
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -118,7 +121,7 @@ def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool) -> Se
 
     _load_certificate_chain(ctx, settings.ssl_cert_file, shown(settings.ssl_cert_file))
     _check_key_file_permissions(settings.ssl_key_file, shown(settings.ssl_key_file), db_uid)
-    _load_private_key(ctx, settings, shown(settings.ssl_key_file), interactive)
+    _load_private_key(ctx, settings, shown(settings.ssl_key_file), interactive, reloading)
     if not _openssl.check_private_key(ctx):
         # OpenSSL already refused a mismatched key while loading it ("key values mismatch");
         # PostgreSQL checks again and so do we
@@ -187,8 +190,12 @@ def _check_key_file_permissions(path: str, shown: str, db_uid: int) -> None:
                    "or permissions u=rw,g=r (0640) or less if owned by root.")
 
 
-def _load_private_key(ctx: SSL.Context, settings: Settings, shown: str, interactive: bool) -> None:
-    source = _passphrase_source(settings.ssl_passphrase_command, shown, interactive)
+def _load_private_key(ctx: SSL.Context, settings: Settings, shown: str, interactive: bool, reloading: bool) -> None:
+    if reloading and not (settings.ssl_passphrase_command and settings.ssl_passphrase_command_supports_reload):
+        def source() -> bytes:
+            raise TLSSetupError(f'private key file "{shown}" cannot be reloaded because it requires a passphrase')
+    else:
+        source = _passphrase_source(settings.ssl_passphrase_command, shown, interactive)
     if not _openssl.use_private_key_file(ctx, settings.ssl_key_file, source):
         raise TLSSetupError(f'could not load private key file "{shown}": {_openssl.error_reason()}')
 

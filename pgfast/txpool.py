@@ -74,6 +74,7 @@ class _Pool:
         # the ParameterStatus values a new client is greeted with, by the settings it
         # started with: read from a backend once, so a busy pool still greets at once
         self.greetings: dict[tuple, dict[str, str]] = {}
+        self.sized_for_role = False           # pgfast.pool_size from ALTER ROLE/DATABASE: kept by reloads
 
 
 class TransactionPools:
@@ -99,6 +100,21 @@ class TransactionPools:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
 
+    def configure(self, pgfast: dict) -> None:
+        """Settings read again by a reload; pools sized by ALTER ROLE/DATABASE keep theirs."""
+        self._size = pgfast["pgfast.pool_size"]
+        self._reserve_size = pgfast["pgfast.reserve_pool_size"]
+        self._reserve_timeout = pgfast["pgfast.reserve_pool_timeout"]
+        self._min_size = pgfast["pgfast.min_pool_size"]
+        self._idle_timeout = pgfast["pgfast.pool_idle_timeout"]
+        self._lifetime = pgfast["pgfast.pool_lifetime"]
+        self._query_wait_timeout = pgfast["pgfast.query_wait_timeout"]
+        self._reset_query = pgfast["pgfast.server_reset_query"]
+        for pool in self._pools.values():
+            if not pool.sized_for_role:
+                pool.size = self._size
+            self._keep_minimum(pool)
+
     @property
     def size(self) -> int:
         return len(self._backends)
@@ -117,6 +133,7 @@ class TransactionPools:
         if pool is None:
             pool = self._pools[key] = _Pool(key, backend_params(params), description,
                                             self._size if size is None else size)
+            pool.sized_for_role = size is not None and size != self._size
             self._keep_minimum(pool)
             self._schedule_sweep()
         return pool

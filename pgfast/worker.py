@@ -20,6 +20,7 @@ from .config import Settings
 from .frontend import Frontend
 from .hba import HbaRules, IdentMap
 from .pool import Pool
+from .reload import reload
 from .tls import ServerTLS
 from .txpool import TransactionPools
 
@@ -45,6 +46,10 @@ class Service:
     unix_sockets: list = field(default_factory=list)
     shared: Shared = field(default_factory=Shared)
     workers: int = 1
+    # what a reload needs to read the configuration again as at start
+    overrides: list = field(default_factory=list)      # -c NAME=VALUE
+    known: dict | None = None                          # the settings PostgreSQL knows
+    db_uid: int = 0                                    # who may own the key
 
     def cancel_socket_path(self, worker: int) -> str:
         return os.path.join(self.socket_dir, f"cancel.{worker}")
@@ -111,11 +116,6 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
 
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
-    if not supervised:
-        loop.add_signal_handler(signal.SIGHUP, log.log,
-                                "received SIGHUP: pgfast reads its configuration at start; restart it to apply changes")
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
     _watch_postmaster(loop, service.postmaster_pid, request_stop, report=not supervised)
 
     async def main() -> int:
@@ -125,6 +125,15 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
                             service.socket_path, service.shared, index, service.workers,
                             service.cancel_socket_path)
         await frontend.serve(tcp_sockets, service.unix_sockets)
+
+        def on_sighup() -> None:
+            # under a supervisor it has read and reported everything already; here it is
+            # only applied (and the supervisor tells PostgreSQL)
+            reload(service, quiet=supervised)
+            frontend.apply(service.settings, service.hba, service.ident, service.tls)
+            if not supervised:
+                _signal_postmaster(service.postmaster_pid, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         log.start_background()
         if ready_fd is not None:
             try:
@@ -146,6 +155,13 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
     finally:
         loop.close()
         log.stop_background()
+
+
+def _signal_postmaster(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 async def _finish_tasks() -> None:

@@ -1,0 +1,80 @@
+"""Reloading the configuration (SIGHUP, `pgfast reload`), with PostgreSQL's rules.
+
+postgresql.conf (with postgresql.auto.conf and includes, and the same -c settings as at
+start), pg_hba.conf, pg_ident.conf, and the TLS files are read again and each is checked
+as at start; what fails to load leaves the old one in force, with PostgreSQL's LOG line
+(`pg_hba.conf was not reloaded`, `SSL configuration was not reloaded`, ...), and pgfast
+goes on. Settings that need a restart keep their value (`parameter "port" cannot be
+changed without restarting the server`). Connections already open keep their TLS
+session and their backend; the next connection gets the new configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from . import config, log
+from .auth import SUPPORTED_METHODS
+from .errors import StartupError
+from .hba import load_hba, load_ident
+from .tls import load_server_tls
+
+# what pgfast reads at start only (PostgreSQL's PGC_POSTMASTER, and pgfast's own)
+_RESTART_FIELDS = ("listen_addresses", "port", "unix_socket_directories", "max_connections")
+_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user")
+
+
+def _emit(quiet: bool, message: str, **kw) -> None:
+    if not quiet:
+        log.log(message, **kw)
+
+
+def _report(quiet: bool, exc: StartupError) -> None:
+    _emit(quiet, exc.message, detail=exc.detail, hint=exc.hint)
+
+
+def reload(service, *, quiet: bool = False) -> None:
+    """Read everything again and update service (worker.Service) in place. quiet: another
+    process (the supervisor) has said all there is to say."""
+    _emit(quiet, "received SIGHUP, reloading configuration files")
+    old = service.settings
+    try:
+        new = config.load(old.data_dir, service.overrides, known=service.known)
+    except StartupError as exc:
+        _report(quiet, exc)
+        _emit(quiet, f'configuration file "{old.data_dir}/postgresql.conf" contains errors; no changes were applied')
+        return
+    kept = {}
+    for name in _RESTART_FIELDS:
+        if getattr(new, name) != getattr(old, name):
+            _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')
+            kept[name] = getattr(old, name)
+    pgfast = dict(new.pgfast)
+    for name in _RESTART_PGFAST:
+        if pgfast[name] != old.pgfast[name]:
+            _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')
+            pgfast[name] = old.pgfast[name]
+    for name, value in pgfast.items():
+        if value != old.pgfast[name]:
+            shown = new.raw.get(name, "" if value is None else str(value))
+            _emit(quiet, f'parameter "{name}" changed to "{shown}"')
+    new = dataclasses.replace(new, pgfast=pgfast, **kept)
+
+    try:
+        service.hba = load_hba(new.hba_file, SUPPORTED_METHODS)
+    except StartupError as exc:
+        _report(quiet, exc)
+        _emit(quiet, "pg_hba.conf was not reloaded")
+    try:
+        service.ident = load_ident(new.ident_file)
+    except StartupError as exc:
+        _report(quiet, exc)
+        _emit(quiet, "pg_ident.conf was not reloaded")
+    if new.ssl:
+        try:
+            service.tls = load_server_tls(new, db_uid=service.db_uid, interactive=False, reloading=True)
+        except StartupError as exc:
+            _report(quiet, exc)
+            _emit(quiet, "SSL configuration was not reloaded")
+    else:
+        service.tls = None
+    service.settings = new
