@@ -1,8 +1,9 @@
-"""The pgfast command: `pgfast init` and `pgfast run`."""
+"""The pgfast command: `pgfast init`, `pgfast run`, and pg_ctl's verbs (ctl.py)."""
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from . import __version__, log
@@ -48,7 +49,30 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", dest="settings", metavar="NAME=VALUE", type=_setting, action="append", default=[],
                      help="set a configuration parameter (wins over postgresql.conf)")
     run.add_argument("--user", metavar="NAME", help="account to run PostgreSQL as when started as root")
+
+    start = commands.add_parser("start", help="start pgfast in the background (as pg_ctl start)")
+    start.add_argument("-D", dest="data_dir", metavar="DIR", help="data directory (default: $PGDATA)")
+    start.add_argument("-l", dest="logfile", metavar="FILENAME", help="append the server log to FILENAME")
+    start.add_argument("-o", dest="options", metavar="OPTIONS", default="",
+                       help='options for "pgfast run", e.g. "-p 6432 -c ssl=on"')
+    _wait_options(start)
+    stop = commands.add_parser("stop", help="shut pgfast down (as pg_ctl stop)")
+    stop.add_argument("-D", dest="data_dir", metavar="DIR", help="data directory (default: $PGDATA)")
+    stop.add_argument("-m", dest="mode", metavar="MODE", default="fast",
+                      help="smart (wait for clients to leave), fast (default: end sessions) or immediate")
+    _wait_options(stop)
+    for name, text in (("reload", "make pgfast and PostgreSQL re-read their configuration"),
+                       ("status", "say whether pgfast is running (exit 3 when it is not)")):
+        verb = commands.add_parser(name, help=text)
+        verb.add_argument("-D", dest="data_dir", metavar="DIR", help="data directory (default: $PGDATA)")
     return parser
+
+
+def _wait_options(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("-w", dest="wait", action="store_true", default=True, help="wait until done (default)")
+    verb.add_argument("-W", dest="wait", action="store_false", help="do not wait")
+    verb.add_argument("-t", dest="timeout", metavar="SECS", type=float, default=60.0,
+                      help="seconds to wait (default: 60)")
 
 
 def _init(args) -> int:
@@ -72,10 +96,32 @@ def _run(args) -> int:
     return run(_data_dir(args.data_dir), overrides, args.user)
 
 
+def _ctl(args) -> int:
+    from . import ctl
+    from .shutdown import Mode
+    data_dir = _data_dir(args.data_dir)
+    if args.command == "start":
+        return ctl.start(data_dir, args.logfile, args.wait, args.timeout, shlex.split(args.options))
+    if args.command == "stop":
+        try:
+            mode = Mode.named(args.mode)
+        except ValueError as exc:
+            sys.stderr.write(f"pgfast: {exc}\n")
+            return 1
+        return ctl.stop(data_dir, mode, args.wait, args.timeout)
+    if args.command == "reload":
+        return ctl.reload(data_dir)
+    return ctl.status(data_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _init(args) if args.command == "init" else _run(args)
+        if args.command == "init":
+            return _init(args)
+        if args.command == "run":
+            return _run(args)
+        return _ctl(args)
     except PostgresRefused as exc:
         sys.stderr.write(exc.output)
         return 1

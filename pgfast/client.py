@@ -206,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
         self._task = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
-        self._frontend.clients.discard(self)
+        self._frontend.client_closed(self)
         if self._startup is not None:
             self._frontend.give_client()
         if self._cancel_pid is not None:
@@ -295,6 +295,8 @@ class ClientConnection(asyncio.Protocol):
     def _on_startup_message(self, startup: StartupMessage) -> None:
         if startup.needs_negotiation:
             self._send(messages.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized_options))
+        if self._frontend.refusal is not None:
+            raise Refused(*self._frontend.refusal)
         if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
         self._startup = startup

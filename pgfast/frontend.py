@@ -46,10 +46,28 @@ class Frontend:
         self._servers: list[asyncio.AbstractServer] = []
         self._trimmer = Trimmer()
         self._trim_timer: asyncio.TimerHandle | None = None
+        self.refusal: tuple[str, str] | None = None   # (sqlstate, message) new sessions are refused with
+        self._idle: asyncio.Future | None = None
 
     def client_opened(self, client: ClientConnection) -> None:
         self.clients.add(client)
         self._trimmer.saw(len(self.clients))
+
+    def client_closed(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if not self.clients and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def refuse_new(self, sqlstate: str, message: str) -> None:
+        """From now on every new session is refused with this FATAL; cancel requests
+        still reach the open ones."""
+        self.refusal = (sqlstate, message)
+
+    async def wait_idle(self) -> None:
+        """Until no client is left."""
+        if self.clients:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
     def _check_memory(self) -> None:
         self._trimmer.check(len(self.clients))

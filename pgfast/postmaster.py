@@ -102,6 +102,10 @@ def wait_for_orphan(data_dir: str, pid: int, timeout: float = 30.0) -> bool:
     return not _alive(pid)
 
 
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _die_with_parent() -> None:
     # If pgfast is killed outright, PostgreSQL gets a fast shutdown instead of
     # running on unreachable; pgfast changes no credentials after fork, so the
@@ -121,9 +125,9 @@ class Postmaster:
     def socket_path(self) -> str:
         return os.path.join(self.socket_dir, f".s.PGSQL.{self.settings.port}")
 
-    def _command(self) -> list[str]:
-        # what keeps PostgreSQL off the network; these win over the user's -c
-        forced = {
+    def _forced(self) -> dict[str, str]:
+        """What keeps PostgreSQL off the network; these win over the user's -c."""
+        return {
             "listen_addresses": "",
             "ssl": "off",
             "unix_socket_directories": self.socket_dir,
@@ -136,10 +140,28 @@ class Postmaster:
             # per worker) come on top, so they never take a client's place
             "max_connections": str(self.settings.max_connections + self.settings.pgfast["pgfast.workers"]),
         }
+
+    def _command(self) -> list[str]:
+        forced = self._forced()
         args = self._user_args(skip=forced)
         for name, value in forced.items():
             args += ["-c", f"{name}={value}"]
-        return args
+        return args + ["-c", f"config_file={self._config_file()}"]
+
+    def _config_file(self) -> str:
+        """PostgreSQL's postgresql.conf: the data directory's own, then the forced values.
+        They are given on the command line as well (which postgresql.auto.conf cannot
+        override), but a reload compares the files' last word on each setting with the
+        value in force and would otherwise report every forced setting that
+        postgresql.conf also sets (max_connections always) as one that "cannot be changed
+        without restarting the server"."""
+        path = os.path.join(self.socket_dir, "postgresql.conf")
+        lines = ["# written by pgfast: the data directory's configuration, then what pgfast needs",
+                 f"include {_quote(os.path.join(self.settings.data_dir, 'postgresql.conf'))}"]
+        lines += [f"{name} = {_quote(value)}" for name, value in self._forced().items()]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
 
     def _user_args(self, skip=()) -> list[str]:
         args = [os.path.join(self.bindir, "postgres"), "-D", self.settings.data_dir]
@@ -180,10 +202,11 @@ class Postmaster:
                 return
             time.sleep(0.02)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Fast shutdown (SIGINT), as pg_ctl stop -m fast; immediate after timeout."""
+    def stop(self, timeout: float = 60.0, immediate: bool = False) -> None:
+        """Fast shutdown (SIGINT), as pg_ctl stop -m fast (pgfast's sessions are its
+        only ones, and they have ended); immediate at once if asked, or after timeout."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -43,16 +43,24 @@ def reload(service, *, quiet: bool = False) -> None:
         _report(quiet, exc)
         _emit(quiet, f'configuration file "{old.data_dir}/postgresql.conf" contains errors; no changes were applied')
         return
+    # as PostgreSQL: the files' word on a setting that needs a restart is compared with
+    # the value in force, even where -c set it
+    try:
+        in_files = config.load(old.data_dir, [], known=service.known)
+    except StartupError:
+        in_files = new
     kept = {}
     for name in _RESTART_FIELDS:
-        if getattr(new, name) != getattr(old, name):
+        said = getattr(in_files if name in in_files.raw else new, name)
+        if said != getattr(old, name):
             _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')
-            kept[name] = getattr(old, name)
+        kept[name] = getattr(old, name)
     pgfast = dict(new.pgfast)
     for name in _RESTART_PGFAST:
-        if pgfast[name] != old.pgfast[name]:
+        said = (in_files if name in in_files.raw else new).pgfast[name]
+        if said != old.pgfast[name]:
             _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')
-            pgfast[name] = old.pgfast[name]
+        pgfast[name] = old.pgfast[name]
     for name, value in pgfast.items():
         if value != old.pgfast[name]:
             shown = new.raw.get(name, "" if value is None else str(value))

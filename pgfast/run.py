@@ -12,12 +12,14 @@ import os
 import sys
 import traceback  # noqa: F401
 
-from . import accounts, config, initdb, listeners, log, pgbin
+from . import accounts, config, initdb, listeners, log, pgbin, pidfile
 from ._shared import Shared
 from .auth import SUPPORTED_METHODS
 from .errors import StartupError
 from .hba import load_hba, load_ident
+from .pidfile import PidFile
 from .postmaster import Postmaster, live_postmaster_pid, remove_stale_socket_dirs, wait_for_orphan
+from .shutdown import Mode
 from .supervisor import Supervisor
 from .tls import load_server_tls, self_check
 from .worker import Service, serve
@@ -63,33 +65,43 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     if initialised:
         print(initdb.report(initialised, settings.port), file=sys.stderr, flush=True)
     account = accounts.database_account(data_dir, user)
-    _check_not_running(data_dir)
-    tls = None
-    if settings.ssl:
-        self_check()
-        tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
-    hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
-    ident = load_ident(settings.ident_file)
+    lock = PidFile(data_dir, settings.port, (settings.unix_socket_directories or [""])[0],
+                   (settings.listen_addresses or [""])[0])
+    lock.create()
+    mode = Mode.FAST
+    unix_sockets = []
     postmaster = Postmaster(bindir, settings)
-    postmaster.check_config(account)
-    workers = settings.pgfast["pgfast.workers"]
-    tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
-    accounts.drop_privileges(account)
-    accounts.check_reachable(data_dir, account)
-    remove_stale_socket_dirs()
-    unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
     try:
+        _check_not_running(data_dir)
+        tls = None
+        if settings.ssl:
+            self_check()
+            tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
+        hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
+        ident = load_ident(settings.ident_file)
+        postmaster.check_config(account)
+        workers = settings.pgfast["pgfast.workers"]
+        tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
+        accounts.drop_privileges(account)
+        accounts.check_reachable(data_dir, account)
+        remove_stale_socket_dirs()
+        unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
         postmaster.start()
+        lock.postmaster_pid = postmaster.process.pid
+        lock.set_status(pidfile.STARTING)
         service = Service(settings, hba, ident, tls, postmaster.socket_dir, postmaster.socket_path,
                           postmaster.process.pid, settings.pgfast.get("pgfast.admin_user") or account.name,
-                          unix_sockets, Shared(), workers, list(overrides), known, account.uid)
+                          unix_sockets, Shared(), workers, list(overrides), known, account.uid, lock)
         if workers == 1:
-            return serve(service, 0, tcp_sockets[0], supervised=False)
-        return Supervisor(service, tcp_sockets, postmaster).run()
+            status, mode = serve(service, 0, tcp_sockets[0], supervised=False)
+        else:
+            status, mode = Supervisor(service, tcp_sockets, postmaster).run()
+        return status
     finally:
-        postmaster.stop()
+        postmaster.stop(immediate=mode is Mode.IMMEDIATE)
         for _sock, path in unix_sockets:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+        lock.remove()

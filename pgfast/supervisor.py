@@ -5,8 +5,8 @@ The parent serves no client. It forks one worker per listening-socket copy (each
 has its own SO_REUSEPORT accept queue; the Unix sockets are shared), says it is ready
 once every worker is, restarts a worker that dies (a LOG line; what the dead worker held
 in the shared counters is given back; its clients lost their connections, the others
-notice nothing), and on SIGTERM/SIGINT stops the workers (they end their clients with
-57P01) before its caller stops PostgreSQL. It waits for signals synchronously, so no
+notice nothing), and passes a shutdown request (shutdown.py) on to the workers, waiting
+for them before its caller stops PostgreSQL. It waits for signals synchronously, so no
 event loop exists in it when it forks.
 """
 from __future__ import annotations
@@ -17,11 +17,12 @@ import signal
 import socket
 import time
 
-from . import log
+from . import log, pidfile
 from .reload import reload
+from .shutdown import SIGNALS, Mode
 from .worker import Service, prepare_forked_worker, serve
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_SIGNALS = {*SIGNALS, signal.SIGHUP, signal.SIGCHLD}
 _READY_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 
@@ -40,6 +41,9 @@ class Supervisor:
         self._tcp_sockets = tcp_sockets
         self._postmaster = postmaster
         self._workers: dict[int, int] = {}        # pid -> worker index
+        self._mode: Mode | None = None            # the shutdown under way
+        self._deadline: float | None = None       # when its workers are killed
+        self._status = 0
 
     def _fork(self, index: int) -> tuple[int, int]:
         """A worker; (pid, the read end of its readiness pipe)."""
@@ -54,7 +58,8 @@ class Supervisor:
                     if other != index:
                         for sock in sockets:
                             sock.close()
-                status = serve(self._service, index, self._tcp_sockets[index], supervised=True, ready_fd=write_end)
+                status, _mode = serve(self._service, index, self._tcp_sockets[index], supervised=True,
+                                      ready_fd=write_end)
             except BaseException as exc:       # a worker must never return into the parent's code
                 log.log(f"pgfast worker {index} failed: {type(exc).__name__}: {exc}")
             finally:
@@ -63,36 +68,62 @@ class Supervisor:
         self._workers[pid] = index
         return pid, read_end
 
-    def run(self) -> int:
+    def run(self) -> tuple[int, Mode]:
+        """Serve until every worker has stopped; the exit status and how it stopped."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         pending = [self._fork(index)[1] for index in range(len(self._tcp_sockets))]
         if not self._await_ready(pending):
-            self._stop_workers()
-            return 1
+            self._stop_workers(Mode.FAST)
+            return 1, Mode.FAST
+        self._service.pidfile.set_status(pidfile.READY)
         log.log("database system is ready to accept connections")
-        while True:
-            info = signal.sigwaitinfo(_SIGNALS)
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                log.log("received fast shutdown request")
-                self._stop_workers()
-                return 0
-            if info.si_signo == signal.SIGHUP:
+        while self._mode is None or self._workers:
+            info = self._next_signal()
+            if info is None:
+                self._kill_workers()        # past the shutdown's deadline
+            elif info.si_signo in SIGNALS:
+                self._begin_shutdown(Mode.for_signal(info.si_signo))
+            elif info.si_signo == signal.SIGHUP:
                 # read and report here (a worker started again later gets what this read),
                 # then each worker applies it, and PostgreSQL reloads its own
                 reload(self._service)
-                for pid in self._workers:
-                    os.kill(pid, signal.SIGHUP)
+                self._signal_workers(signal.SIGHUP)
                 try:
                     os.kill(self._postmaster.process.pid, signal.SIGHUP)
                 except ProcessLookupError:
                     pass
-                continue
-            if self._postmaster.process.poll() is not None:
-                log.fatal(f"PostgreSQL exited unexpectedly with status {self._postmaster.process.returncode}; "
-                          "shutting down")
-                self._stop_workers()
-                return 1
-            self._reap_and_restart()
+            else:
+                if self._mode is None and self._postmaster.process.poll() is not None:
+                    log.fatal(f"PostgreSQL exited unexpectedly with status {self._postmaster.process.returncode}; "
+                              "shutting down")
+                    self._status = 1
+                    self._begin_shutdown(Mode.FAST, announce=False)
+                self._reap(restart=self._mode is None)
+        return self._status, self._mode
+
+    def _next_signal(self):
+        if self._deadline is None:
+            return signal.sigwaitinfo(_SIGNALS)
+        return signal.sigtimedwait(_SIGNALS, max(0.0, self._deadline - time.monotonic()))
+
+    def _begin_shutdown(self, mode: Mode, announce: bool = True) -> None:
+        """Tell the workers; a smart shutdown waits as long as their clients stay, the
+        others only _STOP_TIMEOUT."""
+        if self._mode is not None and mode <= self._mode:
+            return
+        self._mode = mode
+        if announce:
+            log.log(mode.request_line)
+        self._service.pidfile.set_status(pidfile.STOPPING)
+        self._signal_workers(mode.signal)
+        self._deadline = None if mode is Mode.SMART else time.monotonic() + _STOP_TIMEOUT
+
+    def _signal_workers(self, signum: int) -> None:
+        for pid in self._workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def _await_ready(self, pipes: list[int]) -> bool:
         deadline = time.monotonic() + _READY_TIMEOUT
@@ -114,31 +145,34 @@ class Supervisor:
                     return False
         return True
 
-    def _reap_and_restart(self) -> None:
+    def _reap(self, restart: bool) -> None:
         for pid, index in list(self._workers.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0:
                 continue
             del self._workers[pid]
             self._service.shared.reclaim(index)
-            log.log(f"worker process {index} (PID {pid}) {_exit_description(status)}; starting it again")
-            _, ready = self._fork(index)
-            os.close(ready)
+            if restart:
+                log.log(f"worker process {index} (PID {pid}) {_exit_description(status)}; starting it again")
+                _, ready = self._fork(index)
+                os.close(ready)
+            else:
+                # its listening sockets, kept open here, would go on taking connections
+                # nobody accepts; closed, the kernel sends them to the workers still running
+                for sock in self._tcp_sockets[index]:
+                    sock.close()
 
-    def _stop_workers(self) -> None:
-        for pid in self._workers:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    def _stop_workers(self, mode: Mode) -> None:
+        """Outside the signal loop (a start that failed): stop them and wait."""
+        self._signal_workers(mode.signal)
         deadline = time.monotonic() + _STOP_TIMEOUT
         while self._workers and time.monotonic() < deadline:
-            for pid in list(self._workers):
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    del self._workers[pid]
+            self._reap(restart=False)
             time.sleep(0.02)
+        self._kill_workers()
+
+    def _kill_workers(self) -> None:
         for pid in list(self._workers):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            del self._workers[pid]
+            self._service.shared.reclaim(self._workers.pop(pid))

@@ -13,14 +13,16 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from . import log
+from . import log, pidfile
 from ._shared import BACKENDS, Shared
 from .catalog import Catalog
 from .config import Settings
 from .frontend import Frontend
 from .hba import HbaRules, IdentMap
 from .pool import Pool
+from .pidfile import PidFile
 from .reload import reload
+from .shutdown import FAST_MESSAGE, IMMEDIATE_MESSAGE, POSTMASTER_GONE, SHUTTING_DOWN, SIGNALS, Mode
 from .tls import ServerTLS
 from .txpool import TransactionPools
 
@@ -50,16 +52,36 @@ class Service:
     overrides: list = field(default_factory=list)      # -c NAME=VALUE
     known: dict | None = None                          # the settings PostgreSQL knows
     db_uid: int = 0                                    # who may own the key
+    pidfile: PidFile | None = None
 
     def cancel_socket_path(self, worker: int) -> str:
         return os.path.join(self.socket_dir, f"cancel.{worker}")
 
 
-class _Stop:
-    """Why a worker stops: its exit status and what its clients are told (PostgreSQL's words)."""
+class _Stopper:
+    """The shutdown asked for so far: only ever more urgent (shutdown.Mode), with what
+    the clients are told and the exit status."""
 
-    def __init__(self, status: int, sqlstate: str, message: str):
-        self.status, self.sqlstate, self.message = status, sqlstate, message
+    def __init__(self):
+        self.mode: Mode | None = None
+        self.message = FAST_MESSAGE
+        self.status = 0
+        self._raised = asyncio.Event()
+
+    def request(self, mode: Mode, message: tuple[str, str], status: int = 0) -> bool:
+        if self.mode is not None and mode <= self.mode:
+            return False
+        self.mode, self.message, self.status = mode, message, max(self.status, status)
+        self._raised.set()
+        return True
+
+    async def more_urgent_than(self, mode: Mode | None) -> None:
+        while self.mode is None or (mode is not None and self.mode <= mode):
+            self._raised.clear()
+            await self._raised.wait()
+
+
+_MESSAGES = {Mode.SMART: SHUTTING_DOWN, Mode.FAST: FAST_MESSAGE, Mode.IMMEDIATE: IMMEDIATE_MESSAGE}
 
 
 def _pools(service: Service) -> tuple[Pool, TransactionPools]:
@@ -91,34 +113,30 @@ def prepare_forked_worker(index: int, service: Service) -> None:
     """In a worker just forked from the supervisor: its own signal state, and an end of
     its own if the supervisor is killed outright."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for signum in (*SIGNALS, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if sys.platform.startswith("linux"):      # a supervisor killed outright: a fast shutdown
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, Mode.FAST.signal)
     service.shared.set_worker(index)
 
 
 def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, supervised: bool,
-          ready_fd: int | None = None) -> int:
-    """Serve until told to stop; the exit status."""
+          ready_fd: int | None = None) -> tuple[int, Mode]:
+    """Serve until told to stop; the exit status and how it stopped."""
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
-    stopping = loop.create_future()
+    stopper = _Stopper()
 
-    def request_stop(stop: _Stop) -> None:
-        if not stopping.done():
-            stopping.set_result(stop)
+    def on_signal(mode: Mode) -> None:
+        if stopper.request(mode, _MESSAGES[mode]) and not supervised:
+            log.log(mode.request_line)
+            service.pidfile.set_status(pidfile.STOPPING)
 
-    def on_signal() -> None:
-        if not stopping.done() and not supervised:
-            log.log("received fast shutdown request")
-        request_stop(_Stop(0, "57P01", "terminating connection due to administrator command"))
+    for mode in Mode:
+        loop.add_signal_handler(mode.signal, on_signal, mode)
+    _watch_postmaster(loop, service.postmaster_pid, stopper, report=not supervised)
 
-    loop.add_signal_handler(signal.SIGTERM, on_signal)
-    loop.add_signal_handler(signal.SIGINT, on_signal)
-    _watch_postmaster(loop, service.postmaster_pid, request_stop, report=not supervised)
-
-    async def main() -> int:
+    async def main() -> tuple[int, Mode]:
         catalog = Catalog(service.socket_path, service.admin_user)
         pool, tx_pools = _pools(service)
         frontend = Frontend(service.settings, service.hba, service.ident, service.tls, catalog, pool, tx_pools,
@@ -142,19 +160,36 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
                 pass        # a restarted worker: nobody waits for it
             os.close(ready_fd)
         else:
+            service.pidfile.set_status(pidfile.READY)
             log.log("database system is ready to accept connections")
-        stop = await stopping
-        await frontend.shutdown(stop.sqlstate, stop.message)
-        await asyncio.gather(pool.close(), tx_pools.close())
+        await stopper.more_urgent_than(None)
+        if stopper.mode is Mode.SMART:
+            await _smart_shutdown(frontend, stopper)
+        immediate = stopper.mode is Mode.IMMEDIATE
+        await frontend.shutdown(*stopper.message)
+        grace = 0.0 if immediate else 0.5
+        await asyncio.gather(pool.close(grace), tx_pools.close(grace))
         catalog.close()
         await _finish_tasks()
-        return stop.status
+        return stopper.status, stopper.mode
 
     try:
         return loop.run_until_complete(main())
     finally:
         loop.close()
         log.stop_background()
+
+
+async def _smart_shutdown(frontend: Frontend, stopper: _Stopper) -> None:
+    """New sessions are refused; the open ones end when their clients leave, unless a
+    fast or immediate shutdown comes first."""
+    frontend.refuse_new(*SHUTTING_DOWN)
+    loop = asyncio.get_running_loop()
+    idle = loop.create_task(frontend.wait_idle())
+    urgent = loop.create_task(stopper.more_urgent_than(Mode.SMART))
+    await asyncio.wait({idle, urgent}, return_when=asyncio.FIRST_COMPLETED)
+    idle.cancel()
+    urgent.cancel()
 
 
 def _signal_postmaster(pid: int, signum: int) -> None:
@@ -174,14 +209,14 @@ async def _finish_tasks() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _watch_postmaster(loop, pid: int, request_stop, report: bool) -> None:
+def _watch_postmaster(loop, pid: int, stopper: _Stopper, report: bool) -> None:
     """PostgreSQL restarts its own crashed backends; if the postmaster itself goes,
     there is nothing to serve. The process that started it (pgfast, or its supervisor)
     says so with a FATAL; a worker just stops."""
     def on_exit() -> None:
         if report:
             log.fatal("PostgreSQL exited unexpectedly; shutting down")
-        request_stop(_Stop(1, "57P01", "terminating connection due to unexpected postmaster exit"))
+        stopper.request(Mode.FAST, POSTMASTER_GONE, status=1)
 
     if hasattr(os, "pidfd_open"):
         fd = os.pidfd_open(pid)

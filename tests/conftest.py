@@ -91,14 +91,15 @@ class Pgfast:
         raise AssertionError(f"timed out waiting for {text!r}:\n{self.log}")
 
     def stop(self, timeout: float = 60) -> int:
+        """A fast shutdown (SIGINT), as pg_ctl stop's default."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"pgfast did not stop on SIGTERM:\n{self.log}")
+                raise AssertionError(f"pgfast did not stop on SIGINT:\n{self.log}")
         self._reader.join(5)
         return self.process.returncode
 

@@ -580,8 +580,8 @@ def test_second_pgfast_on_the_same_data_directory(tls_cluster, pgfast_factory, b
     pid = pid_file_pid(tls_cluster)
     port = free_port()
     expect_fatal(tls_cluster, port=port, check_pid_file=False,
-                 message='lock file "postmaster.pid" already exists',
-                 hint=f'Is another postmaster (PID {pid}) running in data directory "{tls_cluster}"?')
+                 message='lock file "pgfast.pid" already exists',
+                 hint=f'Is another pgfast (PID {first.process.pid}) running in data directory "{tls_cluster}"?')
     assert port_is_free(port)
     assert first.process.poll() is None and pid_file_pid(tls_cluster) == pid
     assert_tls_query(bindir, tls_dsn(first, os.path.join(tls_cluster, "ca.crt")), client_env)
