@@ -36,6 +36,11 @@ cdef class TxRelay:
     cdef dict _statements             # client's statement name -> server-side name
     cdef list _parses                 # per pending Parse, in order: (client name or None, server name, added)
     cdef list _local_replies          # answers pgfast gives itself, in order, until their turn
+    cdef list _substitutes            # ERRORs standing in for the backend's, per ACT_SUBST, in order
+    cdef bint _unsynced               # extended-query messages sent since the last Sync/Query
+    cdef int _ending                  # END_*: how the client's stream ended
+    cdef object _ending_error
+    cdef bint _backend_eof_sent       # the backend was told the client's stream ended
     cdef dict _params                 # ParameterStatus values the client has been told
     cdef dict _startup_params         # ... and those it started with (what DISCARD ALL goes back to)
 
@@ -53,6 +58,10 @@ cdef class TxRelay:
     cdef int _push(self, unsigned char kind, unsigned char action) except -1
     cdef _client_message(self, bytes msg)
     cdef bytes _translate(self, bytes msg)
+    cdef bytes _translate_message(self, bytes msg)
+    cdef _end_stream(self, int how, object why)
+    cdef _check_ending(self)
+    cdef _finish(self)
     cdef object _ensure_prepared(self, bytes client_name)
     cdef bytes _rewrite_name(self, bytes msg, Py_ssize_t name_at, bytes server_name)
     cdef bint _answer_locally(self, bytes msg) except -1
@@ -67,6 +76,8 @@ cdef class TxRelay:
 
     cpdef from_client(self, bytes data)
     cpdef feed(self, bytes data)
+    cpdef client_eof(self)
+    cpdef backend_closed(self)
     cpdef from_backend(self, bytes data)
     cpdef attach(self, backend)
     cpdef detach(self)

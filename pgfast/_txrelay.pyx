@@ -28,13 +28,28 @@ cdef enum:
     ACT_FORWARD = 0
     ACT_SKIP = 1
     ACT_FAKE = 2
+    ACT_SUBST = 3       # a request made to fail in its place: its error is replaced by pgfast's
     # client bytes waiting for a backend before pgfast stops reading from the client
     WAITING_LIMIT = 1 << 20
-    MAX_CLIENT_MESSAGE = 1 << 30
+    # PostgreSQL's limits on a client message's length (SocketBackend, pq_getmessage)
+    PQ_LARGE_MESSAGE_LIMIT = 0x3fffffff - 1
+    PQ_SMALL_MESSAGE_LIMIT = 10000
+
+# how the client's stream of messages ended (what is done once all before it is answered)
+cdef enum:
+    END_NONE = 0
+    END_TERMINATE = 1   # Terminate: the client reads nothing more
+    END_EOF = 2         # the end of its stream (EOF, TLS close_notify): it may still read
+    END_SILENT = 3      # a message of an invalid length: PostgreSQL logs it and closes without a word
+    END_FATAL = 4       # an unknown message type: PostgreSQL's FATAL
     # statements a backend keeps prepared; beyond, the least recently used is closed
     MAX_PREPARED = 256
 
 PARSE_COMPLETE = b"1\0\0\0\x04"
+# a request that fails without side effects (no statement is ever named so: pgfast's are
+# pgfast_<digits>), standing in for one pgfast refuses with PostgreSQL's ERROR, so the
+# backend skips to the next Sync and aborts the transaction exactly as PostgreSQL would
+FAILING_DESCRIBE = b"D\0\0\0\x1eSpgfast_no_such_statement\0"
 CLOSE_COMPLETE = b"3\0\0\0\x04"
 
 # ParameterStatus names a client may change with SET and that pgfast carries from backend
@@ -96,6 +111,21 @@ def statements_in_use():
 
 
 # --- message helpers -----------------------------------------------------------------
+
+cdef inline Py_ssize_t _max_length(unsigned char t) noexcept:
+    """PostgreSQL's longest client message of type t; 0 for a type it does not know."""
+    if t in b"QPBFdcf":
+        return PQ_LARGE_MESSAGE_LIMIT
+    if t in b"CDEHSX":
+        return PQ_SMALL_MESSAGE_LIMIT
+    return 0
+
+
+cdef bytes _error(str sqlstate, str text):
+    """An ErrorResponse of severity ERROR (the session goes on)."""
+    fields = b"SERROR\0VERROR\0C" + sqlstate.encode() + b"\0M" + text.encode("utf-8", "replace") + b"\0\0"
+    return _message(b'E', fields)
+
 
 cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
@@ -301,6 +331,11 @@ cdef class TxRelay:
         self._statements = {}
         self._parses = []
         self._local_replies = []
+        self._substitutes = []
+        self._unsynced = False
+        self._ending = END_NONE
+        self._ending_error = None
+        self._backend_eof_sent = False
         self._params = dict(params)
         self._startup_params = dict(params)
         self._pending_cap = 64
@@ -345,11 +380,18 @@ cdef class TxRelay:
         """Between two messages of what the client has been sent."""
         return PyByteArray_GET_SIZE(self._server_buf) == 0
 
+    @property
+    def in_transaction(self):
+        """The backend's transaction is not over: a transaction block, or extended-query
+        messages sent since the last Sync (an implicit transaction the next Sync, anyone's,
+        would commit)."""
+        return self.tx_status != b'I' or self._unsynced
+
     def backend_clean(self):
         """The backend may serve another client: nothing asked of it is unanswered and its
         transaction is over (and it was never pinned with session state)."""
-        return (self._backend is not None and self._pending_len == 0 and self.tx_status == b'I'
-                and PyByteArray_GET_SIZE(self._server_buf) == 0)
+        return (self._backend is not None and self._pending_len == 0 and not self.in_transaction
+                and not self._backend_eof_sent and PyByteArray_GET_SIZE(self._server_buf) == 0)
 
     # --- requests awaiting responses ----------------------------------------------------
 
@@ -409,49 +451,106 @@ cdef class TxRelay:
                 self._session.client_failed(exc)
                 return
         self.feed(data)
-        if self._pump is not None and self._pump.peer_closed and not self.client_done:
-            self.client_done = True
-            self._session.client_finished()
+        if self._pump is not None and self._pump.peer_closed:
+            self.client_eof()
+
+    cpdef client_eof(self):
+        """The client sends nothing more (EOF, TLS close_notify): as PostgreSQL, what it
+        sent before is still answered."""
+        if self._ending == END_NONE and not self.client_done:
+            self._end_stream(END_EOF, None)
+            self._check_ending()
 
     cpdef feed(self, bytes data):
-        """Plaintext from the client."""
+        """Plaintext from the client, framed as PostgreSQL's SocketBackend frames it: the
+        type first, then the length within that type's limit."""
         cdef Py_ssize_t size, pos = 0
         cdef uint32_t length
+        cdef Py_ssize_t limit
+        cdef unsigned char t
         cdef const unsigned char *p
-        if self.client_done:
+        if self.client_done or self._ending != END_NONE:
             return
         self._client_buf += data
         size = PyByteArray_GET_SIZE(self._client_buf)
         p = <const unsigned char *>PyByteArray_AS_STRING(self._client_buf)
         out = []
-        try:
-            while size - pos >= 5 and not self.client_done:
-                length = _be32(p + pos + 1)
-                if length < 4 or length > MAX_CLIENT_MESSAGE:
-                    raise ProtocolError("08P01", f"invalid message length {length}")
-                if size - pos < 1 + <Py_ssize_t>length:
-                    break
-                msg = PyBytes_FromStringAndSize(<const char *>p + pos, 1 + length)
-                pos += 1 + length
-                self.client_messages += 1
-                if self._backend is not None:
-                    out.append(self._translate(msg))
-                else:
-                    self._client_message(msg)
-        except ProtocolError as exc:
-            self._session.protocol_failed(exc)
-            return
-        del self._client_buf[:pos]
+        while size - pos >= 1 and self._ending == END_NONE and not self.client_done:
+            t = p[pos]
+            limit = _max_length(t)
+            if limit == 0:
+                self._end_stream(END_FATAL, ProtocolError("08P01", f"invalid frontend message type {t}"))
+                break
+            if size - pos < 5:
+                break
+            length = _be32(p + pos + 1)
+            if length < 4 or length > limit:
+                self._end_stream(END_SILENT, "invalid message length")
+                break
+            if size - pos < 1 + <Py_ssize_t>length:
+                break
+            pos += 1 + length
+            self.client_messages += 1
+            if t == b'X':
+                self._end_stream(END_TERMINATE, None)
+                break
+            msg = PyBytes_FromStringAndSize(<const char *>p + pos - 1 - length, 1 + length)
+            if self._backend is not None:
+                out.append(self._translate(msg))
+            else:
+                self._client_message(msg)
+        if self._ending != END_NONE:
+            del self._client_buf[:]
+        else:
+            del self._client_buf[:pos]
         if out and self._backend is not None:
             self._backend_write(b"".join(out))
+        self._check_ending()
+
+    cdef _end_stream(self, int how, object why):
+        """Nothing after this point of the client's stream is read (PostgreSQL never reads
+        past it); what came before is answered first (_check_ending)."""
+        self._ending = how
+        self._ending_error = why
+        self._client_transport.pause_reading()
+
+    cdef _check_ending(self):
+        """The end, once what the client sent before it has reached the backend and, unless
+        the client reads nothing more (Terminate), been answered. Answers still due come
+        as PostgreSQL would give them: the backend is told the stream ends there (EOF), so
+        it answers everything it can and leaves (an open transaction rolled back, a COPY
+        cut short failed); the end follows when it has gone (backend_closed)."""
+        if self._ending == END_NONE or self.client_done:
+            return
+        if self._backend is None and self._waiting:
+            return          # waiting for a backend to serve what came before
+        if self._backend is not None and (self._pending_len or self._backend_eof_sent) and \
+                self._ending != END_TERMINATE:
+            # a backend told of the end leaves; it is never lent again
+            if not self._backend_eof_sent:
+                self._backend_eof_sent = True
+                self._backend.end_input()
+            return
+        self._finish()
+
+    cpdef backend_closed(self):
+        if self._backend_eof_sent and not self.client_done:
+            self._session.backend_ended()
+            self._finish()
+        else:
+            self._session.backend_lost()
+
+    cdef _finish(self):
+        self.client_done = True
+        if self._ending == END_TERMINATE or self._ending == END_EOF:
+            self._session.client_finished()
+        elif self._ending == END_SILENT:
+            self._session.client_violated(self._ending_error)
+        else:
+            self._session.protocol_failed(self._ending_error)
 
     cdef _client_message(self, bytes msg):
         """A whole client message while no backend is lent to the client."""
-        cdef unsigned char t = msg[0]
-        if t == b'X':
-            self.client_done = True
-            self._session.client_finished()
-            return
         if not self._waiting and self._answer_locally(msg):
             return
         self._waiting.append(msg)
@@ -508,7 +607,23 @@ cdef class TxRelay:
         return True
 
     cdef bytes _translate(self, bytes msg):
-        """What to send to the backend for one client message, pushing what it expects back."""
+        """What to send to the backend for one client message, pushing what it expects
+        back. A message pgfast refuses gets PostgreSQL's ERROR at its place, and the backend
+        fails there too (FAILING_DESCRIBE): it skips to the next Sync and aborts the
+        transaction as PostgreSQL would."""
+        cdef unsigned char t = msg[0]
+        try:
+            out = self._translate_message(msg)
+        except ProtocolError as exc:
+            self._substitutes.append(_error(exc.sqlstate, exc.message))
+            self._push(b'D', ACT_SUBST)
+            self._unsynced = True
+            return FAILING_DESCRIBE
+        if out:
+            self._unsynced = not (t == b'S' or t == b'Q' or t == b'F')
+        return out
+
+    cdef bytes _translate_message(self, bytes msg):
         cdef unsigned char t = msg[0]
         cdef Py_ssize_t end, name_end
         cdef bytes name, server_name, before
@@ -556,8 +671,11 @@ cdef class TxRelay:
             self._push(b'P', ACT_FORWARD)
             return before + parse_message(server_name, body)
         if t == b'D' or t == b'C':
-            if len(msg) < 7 or msg[5] not in b"SP":
-                raise ProtocolError("08P01", "invalid message format")
+            if len(msg) < 7:
+                raise ProtocolError("08P01", "no data left in message")
+            if msg[5] not in b"SP":
+                raise ProtocolError("08P01", f"invalid {'DESCRIBE' if t == b'D' else 'CLOSE'} message subtype "
+                                             f"{msg[5]}")
             name_end = _cstring_end(msg, 6)
             name = msg[6:name_end]
             if msg[5] == ord("P") or not name:
@@ -591,10 +709,6 @@ cdef class TxRelay:
         if t == b'F':
             self._push(b'F', ACT_FORWARD)
             return msg
-        if t == b'X':
-            self.client_done = True
-            self._session.client_finished()
-            return b""
         # Flush, CopyData, CopyDone, CopyFail: no response of their own
         return msg
 
@@ -664,11 +778,12 @@ cdef class TxRelay:
         else:
             del self._server_buf[:pos]
         self._flush_out()
-        if self._backend is not None and self._pending_len == 0:
-            if self.tx_status == b'I' and not self.pinned and PyByteArray_GET_SIZE(self._server_buf) == 0:
+        if self._backend is not None and self._pending_len == 0 and not self._backend_eof_sent:
+            if not self.in_transaction and not self.pinned and PyByteArray_GET_SIZE(self._server_buf) == 0:
                 self._session.transaction_done()
-            elif self.tx_status != b'I':
+            elif self.in_transaction:
                 self._session.idle_in_transaction()
+        self._check_ending()
 
     cdef _server_message(self, const unsigned char *p, Py_ssize_t n):
         cdef unsigned char t = p[0]
@@ -691,7 +806,9 @@ cdef class TxRelay:
         kind = self._pending[self._pending_head].kind
         action = self._pending[self._pending_head].action
         forward = action == ACT_FORWARD or (t == b'E' and kind == b'P')
-        if forward:
+        if action == ACT_SUBST and t == b'E':
+            self._out += self._substitutes.pop(0)
+        elif forward:
             _extend(self._out, <const char *>p, n)
         if t == b'Z':
             self.tx_status = p[5]
@@ -743,18 +860,13 @@ cdef class TxRelay:
         waiting, self._waiting = self._waiting, []
         paused = self._waiting_bytes > WAITING_LIMIT
         self._waiting_bytes = 0
-        try:
-            for msg in waiting:
-                if self.client_done:
-                    break
-                out.append(self._translate(msg))
-        except ProtocolError as exc:
-            self._session.protocol_failed(exc)
-            return
+        for msg in waiting:
+            out.append(self._translate(msg))
         if out:
             self._backend_write(b"".join(out))
-        if paused:
+        if paused and self._ending == END_NONE:
             self._client_transport.resume_reading()
+        self._check_ending()
 
     cpdef detach(self):
         """Hand the backend back (the session gives it to the pool)."""
@@ -764,7 +876,9 @@ cdef class TxRelay:
         self._backend_params = None
         self._pending_head = 0
         self._pending_len = 0
+        self._unsynced = False
         del self._parses[:]
+        del self._substitutes[:]
         return backend
 
     def client_protocol(self):
@@ -782,7 +896,8 @@ cdef class ClientSide:
         self._relay.from_client(data)
 
     def eof_received(self):
-        return False
+        self._relay.client_eof()
+        return True         # a half-closed client still reads the answers to what it sent
 
     def connection_lost(self, exc):
         self._relay._session.client_lost()
@@ -808,7 +923,7 @@ cdef class BackendSide:
         return False
 
     def connection_lost(self, exc):
-        self._relay._session.backend_lost()
+        self._relay.backend_closed()
 
     def pause_writing(self):
         self._relay._client_transport.pause_reading()

@@ -77,6 +77,7 @@ class BackendConnection(asyncio.Protocol):
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
         self.cancels: set[asyncio.Task] = set()  # cancel requests being forwarded to it
+        self._input_ended = False                # end_input(): nothing more may be written
         # transaction pooling (txpool.py): its pool, the statements prepared on it (oldest
         # use first) and the ParameterStatus values it started with
         self.pool = None
@@ -207,8 +208,15 @@ class BackendConnection(asyncio.Protocol):
             return
         self._set_state(BackendState.CLOSING)
         if self.transport is not None:
-            self.transport.write(messages.message(b"X", b""))
+            if not self._input_ended:
+                self.transport.write(messages.message(b"X", b""))
             self.transport.close()
+
+    def end_input(self) -> None:
+        """EOF to PostgreSQL: it answers what it has been sent, then ends the session
+        as it does when its client goes (the backend is never lent again)."""
+        self._input_ended = True
+        self.transport.write_eof()
 
     def forward_cancel(self, socket_path: str) -> None:
         """Send PostgreSQL a cancel for what this backend runs. Until it has acted on it,

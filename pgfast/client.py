@@ -222,6 +222,12 @@ class ClientConnection(asyncio.Protocol):
         log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail, hint=refusal.hint)
         self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint))
 
+    def end_silently(self, message: str) -> None:
+        """What PostgreSQL logs as COMMERROR (a client breaking the protocol, e.g. "invalid
+        message length") and answers by closing without a word."""
+        log.log(message)
+        self._disconnect()
+
     def terminate(self, sqlstate: str, text: str) -> None:
         self._disconnect(messages.error(sqlstate, text))
 

@@ -165,7 +165,7 @@ class TransactionSession:
     def _check_idle(self, messages: int) -> None:
         # still the same transaction, still nothing asked since: PostgreSQL's own words
         if (self._state is TxState.ACTIVE and self.relay.client_messages == messages
-                and self.relay.pending == 0 and self.relay.tx_status != ord("I")):
+                and self.relay.pending == 0 and self.relay.in_transaction):
             self._client.refuse(Refused("25P03", "terminating connection due to idle-in-transaction timeout"))
 
     def forward_cancel(self) -> None:
@@ -197,10 +197,20 @@ class TransactionSession:
     def protocol_failed(self, exc) -> None:
         self._client.refuse(Refused(exc.sqlstate, exc.message))
 
+    def client_violated(self, message: str) -> None:
+        self._client.end_silently(message)
+
     def backend_lost(self) -> None:
         if self._backend is not None:
             self._backend.connection_lost(None)     # the relay was its protocol: tell it
         self._client.backend_lost()
+
+    def backend_ended(self) -> None:
+        """The backend left after answering what the client sent before its stream ended
+        (the relay told it so): the client's own end follows."""
+        backend, self._backend = self.relay.detach(), None
+        backend.connection_lost(None)       # the relay was its protocol: tell it
+        self._set_state(TxState.IDLE)
 
     def backend_failed(self, exc: Exception) -> None:
         log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
