@@ -246,6 +246,17 @@ cdef bint _statement_keeps_session_state(const unsigned char *p, Py_ssize_t n):
     return False
 
 
+cdef bint _is_database_ddl(bytes sql):
+    """CREATE/ALTER/DROP DATABASE: it refuses while other sessions use the database (or
+    the template), so idle pooled backends must leave."""
+    cdef Py_ssize_t at = 0
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(sql)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(sql)
+    if _word(p, &at, n) not in (b"drop", b"alter", b"create"):
+        return False
+    return _word(p, &at, n) == b"database"
+
+
 cdef bint _keeps_session_state(bytes sql):
     """Any statement of sql (split at semicolons outside quotes) that keeps session
     state, or a session-level advisory lock anywhere in it."""
@@ -649,8 +660,11 @@ cdef class TxRelay:
             name_end = _cstring_end(msg, 5)
             name = msg[5:name_end]
             body = msg[name_end + 1:]
-            if not self.pinned and _keeps_session_state(body[:_cstring_end(body, 0)]):
+            sql = body[:_cstring_end(body, 0)]
+            if not self.pinned and _keeps_session_state(sql):
                 self.pinned = True
+            if _is_database_ddl(sql):
+                self._session.database_ddl_sent()
             if not name:
                 self._parses.append((None, None, False))
                 self._push(b'P', ACT_FORWARD)
@@ -702,8 +716,11 @@ cdef class TxRelay:
                 self._emit_fakes()
                 self._flush_out()
                 return b""
-            if not self.pinned and _keeps_session_state(msg[5:len(msg) - 1]):
+            sql = msg[5:len(msg) - 1]
+            if not self.pinned and _keeps_session_state(sql):
                 self.pinned = True
+            if _is_database_ddl(sql):
+                self._session.database_ddl_sent()
             self._push(b'Q', ACT_FORWARD)
             return msg
         if t == b'F':

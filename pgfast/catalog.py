@@ -60,6 +60,11 @@ LOGIN_FACTS = (
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = $2")
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()        # each waiter has it already; there may be none left
+
+
 class CatalogError(Exception):
     pass
 
@@ -273,19 +278,23 @@ class Catalog:
     async def _current_session(self) -> CatalogSession:
         while self._session is None or self._session.state is not SessionState.OPEN:
             if self._opening is None:
-                self._opening = asyncio.get_running_loop().create_task(self._open_session())
-                self._opening.add_done_callback(self._on_opened)
-            # shielded: a waiter that gives up must not stop the session opening for the others
+                self._opening = asyncio.get_running_loop().create_task(self._open())
+                self._opening.add_done_callback(_retrieve)
+            # shielded: a waiter that gives up must not stop the session opening for the
+            # others. The opening task itself records its outcome before it completes, so
+            # a waiter that finds it done also finds the session (a done callback would run
+            # only later: awaiting the finished task again would never yield).
             await asyncio.shield(self._opening)
         return self._session
 
-    def _on_opened(self, task: asyncio.Task) -> None:
-        self._opening = None
-        if not task.cancelled() and task.exception() is None:
-            self._session = task.result()
-            self._schedule_idle_check()
-        elif not task.cancelled():
-            task.exception()    # retrieved: each waiter has it already
+    async def _open(self) -> CatalogSession:
+        try:
+            session = await self._open_session()
+        finally:
+            self._opening = None
+        self._session = session
+        self._schedule_idle_check()
+        return session
 
     def _schedule_idle_check(self) -> None:
         if self._idle_timer is None:
@@ -311,9 +320,13 @@ class Catalog:
             session = await self._current_session()
             future = session.request(sql, params)
             self._inflight[key] = future
-            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
+            future.add_done_callback(lambda done: self._answered(key, done))
         # shielded: one waiter giving up must not cancel the answer others wait for
         return await asyncio.shield(future)
+
+    def _answered(self, key: tuple, future: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        _retrieve(future)
 
     async def login_facts(self, user: str, database: str, *, roles: bool) -> LoginFacts:
         rows = await self.query(LOGIN_FACTS, (user, database, "roles" if roles else ""))

@@ -222,6 +222,11 @@ class ClientConnection(asyncio.Protocol):
         log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail, hint=refusal.hint)
         self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint))
 
+    def backend_refused(self, refusal: BackendRefused) -> None:
+        """PostgreSQL refused a backend for this client: it logged why; the client gets
+        its words."""
+        self._disconnect(refusal.raw_error)
+
     def end_silently(self, message: str) -> None:
         """What PostgreSQL logs as COMMERROR (a client breaking the protocol, e.g. "invalid
         message length") and answers by closing without a word."""
@@ -401,7 +406,7 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(Refused("57P03", _NOT_ACCEPTING,
                                  detail="pgfast could not read PostgreSQL's catalogs; the server log says why."))
         except BackendRefused as refusal:
-            self._disconnect(refusal.raw_error)     # PostgreSQL logged it; the client gets its words
+            self.backend_refused(refusal)
         except OSError as exc:
             self.refuse(Refused("57P03", _NOT_ACCEPTING, detail=f"pgfast could not reach PostgreSQL: {exc}"))
         except Exception as exc:    # a bug must not leave the client waiting for authentication_timeout
@@ -497,4 +502,5 @@ class ClientConnection(asyncio.Protocol):
         concerned (or the template), and waits up to 5 s for them: idle pooled backends
         and the catalog session leave now."""
         self._frontend.pool.retire_idle()
+        self._frontend.tx_pools.retire_idle()
         self._frontend.catalog.let_go()

@@ -2,14 +2,14 @@
 
     2026-11-28 07:40:00.123 UTC [1234] LOG:  listening on IPv4 address "127.0.0.1", port 5432
 
-Everything goes to stderr, one write per message so lines from the PostgreSQL child
-(which shares stderr) never interleave inside a line.
+Everything goes to stderr, one write per message so lines never interleave inside a
+line. PostgreSQL's own messages come through here too (postmaster.py reads its stderr).
 
-While pgfast serves, logging must never stop service: a message is queued and a writer
-thread writes it, so a stderr nobody reads (a full pipe) blocks that thread, never the
-event loop. The queue is bounded; what does not fit is dropped and counted, and the
-count is logged once the writer gets through again. Before serving (start-up errors)
-and after it, messages are written directly.
+While pgfast serves, logging must never stop service, pgfast's or PostgreSQL's: a
+message is queued and a writer thread writes it, so a stderr nobody reads (a full pipe)
+blocks that thread, never the event loop or PostgreSQL. The queue is bounded; what does
+not fit is dropped and counted, and the count is logged once the writer gets through
+again. Before serving (start-up errors) and after it, messages are written directly.
 """
 from __future__ import annotations
 
@@ -88,6 +88,24 @@ def stop_background(timeout: float = 2.0) -> None:
         writer.stop(timeout)
 
 
+def _forget_writer() -> None:
+    # a forked worker has no writer thread (threads do not survive fork): it starts its own
+    global _writer
+    _writer = None
+
+
+os.register_at_fork(after_in_child=_forget_writer)
+
+
+def write_raw(data: bytes) -> None:
+    """Bytes already in log form (PostgreSQL's lines), queued like pgfast's own."""
+    writer = _writer
+    if writer is not None:
+        writer.put(data)
+    else:
+        _write(data)
+
+
 def emit(level: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
     prefix = _prefix()
     lines = [f"{prefix}{level}:  {message}\n"]
@@ -95,12 +113,7 @@ def emit(level: str, message: str, detail: str | None = None, hint: str | None =
         lines.append(f"{prefix}DETAIL:  {detail}\n")
     if hint:
         lines.append(f"{prefix}HINT:  {hint}\n")
-    data = "".join(lines).encode("utf-8", "replace")
-    writer = _writer
-    if writer is not None:
-        writer.put(data)
-    else:
-        _write(data)
+    write_raw("".join(lines).encode("utf-8", "replace"))
 
 
 def log(message: str, **kw) -> None:

@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from . import accounts, log
 from .accounts import Account
 from .config import Settings
 from .errors import PostgresRefused, StartupError
+from .pidfile import alive as _alive
 
 _PR_SET_PDEATHSIG = 1
 # "all" never matches a physical replication connection: it needs its own line
@@ -72,15 +74,6 @@ def remove_stale_socket_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
 
 def _postmaster_status(data_dir: str, pid: int) -> str | None:
     """Line 8 of postmaster.pid, when it is this postmaster's: its own report of its state
@@ -102,6 +95,20 @@ def wait_for_orphan(data_dir: str, pid: int, timeout: float = 30.0) -> bool:
     return not _alive(pid)
 
 
+def _pass_on(fd: int) -> None:
+    """PostgreSQL's stderr into pgfast's log (log.py), so a log destination that does not
+    keep up drops lines instead of blocking PostgreSQL. It writes each message in one
+    write (within PIPE_BUF), so a read holds whole messages."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        log.write_raw(data)
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -120,6 +127,7 @@ class Postmaster:
         self.settings = settings
         self.socket_dir: str | None = None
         self.process: subprocess.Popen | None = None
+        self._stderr: threading.Thread | None = None
 
     @property
     def socket_path(self) -> str:
@@ -187,14 +195,18 @@ class Postmaster:
         with open(os.path.join(self.socket_dir, "pg_hba.conf"), "w") as f:
             f.write(_PRIVATE_HBA)
         open(os.path.join(self.socket_dir, "pg_ident.conf"), "w").close()
-        self.process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+        self._stderr = threading.Thread(target=_pass_on, args=(self.process.stderr.fileno(),),
+                                        name="postgres-log", daemon=True)
+        self._stderr.start()
         self._wait_ready()
 
     def _wait_ready(self) -> None:
         while True:
             code = self.process.poll()
             if code is not None:
+                self._stderr.join(5)        # its messages before pgfast's
                 self._remove_socket_dir()
                 raise StartupError("PostgreSQL did not start",
                                    detail=f"postgres exited with status {code}; its messages are above.")
@@ -213,6 +225,8 @@ class Postmaster:
                 log.warning("PostgreSQL did not stop in time; sending immediate shutdown")
                 self.process.send_signal(signal.SIGQUIT)
                 self.process.wait()
+        if self._stderr is not None:
+            self._stderr.join(5)        # its last lines reach the log
         self._remove_socket_dir()
 
     def _remove_socket_dir(self) -> None:

@@ -86,6 +86,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         accounts.check_reachable(data_dir, account)
         remove_stale_socket_dirs()
         unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
+        log.start_background()
         postmaster.start()
         lock.postmaster_pid = postmaster.process.pid
         lock.set_status(pidfile.STARTING)
@@ -105,3 +106,4 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
             except OSError:
                 pass
         lock.remove()
+        log.stop_background()

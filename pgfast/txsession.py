@@ -15,6 +15,7 @@ import enum
 
 from . import log
 from ._txrelay import TRACKED, TxRelay
+from .backend import BackendRefused
 from .errors import Refused
 
 _TRACKED_LOWER = {name.lower(): name for name in TRACKED}
@@ -148,9 +149,16 @@ class TransactionSession:
         if self._writing_paused:
             backend.transport.pause_reading()
 
-    def backend_unavailable(self, refusal: Refused) -> None:
-        if self._state is TxState.WAITING:
+    def backend_unavailable(self, refusal: Refused | BackendRefused) -> None:
+        if self._state is not TxState.WAITING:
+            return
+        if isinstance(refusal, BackendRefused):
+            self._client.backend_refused(refusal)     # PostgreSQL's own words (it logged them)
+        else:
             self._client.refuse(refusal)
+
+    def database_ddl_sent(self) -> None:
+        self._client.database_ddl_sent()
 
     def transaction_done(self) -> None:
         self._set_state(TxState.IDLE)

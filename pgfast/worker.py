@@ -167,7 +167,7 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
             await _smart_shutdown(frontend, stopper)
         immediate = stopper.mode is Mode.IMMEDIATE
         await frontend.shutdown(*stopper.message)
-        grace = 0.0 if immediate else 0.5
+        grace = 0.0 if immediate else 2.0       # PostgreSQL lets them go in milliseconds; a loaded machine may take longer
         await asyncio.gather(pool.close(grace), tx_pools.close(grace))
         catalog.close()
         await _finish_tasks()
@@ -177,7 +177,8 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         return loop.run_until_complete(main())
     finally:
         loop.close()
-        log.stop_background()
+        if supervised:
+            log.stop_background()   # a worker's own writer: what it queued is written before it exits
 
 
 async def _smart_shutdown(frontend: Frontend, stopper: _Stopper) -> None:
