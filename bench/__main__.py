@@ -1,4 +1,4 @@
-"""python -m bench: stock PostgreSQL TLS vs pgfast vs PgBouncer, interleaved on one cluster.
+"""python -m bench: stock PostgreSQL TLS vs pgfast (default, one worker, transaction pooling) vs PgBouncer, interleaved on one cluster.
 
 See bench/README.md for the method. Progress goes to stderr; the table goes to stdout and,
 with every raw measurement, to bench/results/bench-<timestamp>.json.
@@ -15,11 +15,13 @@ import time
 import traceback
 
 from . import procs
-from .arms import (ARM_NAMES, PGBOUNCER_INSTALL, SUSPICIOUS, PgBouncerArm, PgfastArm, StockArm, find_pgbouncer,
-                   pgbouncer_version)
+from .arms import (ARM_NAMES, LABELS, PGBOUNCER_INSTALL, PGBOUNCER_MAX_CLIENT_CONN, PGBOUNCER_MAX_PREPARED,
+                   PGBOUNCER_POOL_SIZE, PGFAST_ARM_SETTINGS, PGFAST_ARMS, SUSPICIOUS, PgBouncerArm, PgfastArm,
+                   StockArm, default_pgbouncer, default_workers, pgbouncer_version, pgbouncer_version_tuple)
 from .cluster import BenchError, Cluster
 from .report import Results, git_state, machine_info, summarise_log
-from .scenarios import SCENARIO_KEYS, SCENARIOS, housekeeping, run, scenario_warm_up, warm_up
+from .scenarios import (SCENARIO_ARMS, SCENARIO_KEYS, SCENARIOS, housekeeping, run, runs_on, scenario_warm_up,
+                        warm_up)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -46,7 +48,8 @@ def _list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"about a minute: {QUICK['rounds']} rounds of {QUICK['duration']} s, {QUICK['warmup']} s warm-up")
+                   help=f"a smoke run of 3-4 minutes: {QUICK['rounds']} rounds of {QUICK['duration']} s "
+                        f"(f, g: plus their connection allowance), {QUICK['warmup']} s warm-up")
     p.add_argument("--rounds", type=int, help=f"rounds of all arms (default {FULL['rounds']})")
     p.add_argument("--duration", type=int, help=f"seconds per pgbench measurement (default {FULL['duration']})")
     p.add_argument("--warmup", type=int, help=f"seconds of select-only warm-up per arm and round "
@@ -57,11 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cert", choices=("ecdsa", "rsa"), default="ecdsa",
                    help="server certificate: ECDSA P-256 (default) or RSA-2048")
     p.add_argument("--scenarios", default=",".join(SCENARIO_KEYS),
-                   type=lambda v: _list(v, SCENARIO_KEYS, "scenario"), help="subset of a,b,c,d,e")
+                   type=lambda v: _list(v, SCENARIO_KEYS, "scenario"),
+                   help="subset of " + ",".join(SCENARIO_KEYS) + " (each runs only on its arms: see bench/scenarios.py)")
     p.add_argument("--arms", default=",".join(ARM_NAMES), type=lambda v: _list(v, ARM_NAMES, "arm"),
                    help="subset of " + ",".join(ARM_NAMES))
     p.add_argument("--pgfast-setting", action="append", default=[], metavar="NAME=VALUE",
-                   help="passed to `pgfast run` as -c NAME=VALUE (repeatable), e.g. pgfast.pool_mode=session")
+                   help="passed to every pgfast arm's `pgfast run` as -c NAME=VALUE (repeatable, after the arm's "
+                        "own settings), e.g. pgfast.pool_mode=session")
+    p.add_argument("--pgbouncer", metavar="PATH",
+                   help="the pgbouncer binary (default: /opt/pgbouncer-new/bin/pgbouncer when it is there, "
+                        "else pgbouncer from PATH or /usr/sbin)")
     p.add_argument("--bindir", help="PostgreSQL 15 programs (default /usr/lib/postgresql/15/bin)")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the cluster and logs (for a post-mortem)")
@@ -103,12 +111,15 @@ def run_block(arm, args, round_no: int, meta: dict, results: Results) -> None:
     say(f"bench: round {round_no}: {arm.describe()} on port {arm.port} "
         f"(start, housekeeping and warm-up {time.monotonic() - t0:.1f} s)")
     for key in args.scenarios:
+        if not runs_on(key, arm.name):
+            continue
         scenario = SCENARIOS[key]
         scenario_warm_up(scenario, arm, args.scenario_warmup)
         m = run(scenario, arm, args.duration, round_no)
         results.add(m)
+        front = "front –" if m.front_cpu is None else f"front {m.front_cpu:5.2f} s ({m.front_cpu_per_unit or 0:.3f})"
         say(f"  {key} {arm.name:22s} {m.value or 0:10,.1f} {m.unit:4s}  server CPU {m.server_cpu:6.2f} s "
-            f"({m.cpu_per_unit or 0:.3f}/{scenario.per}), client CPU {m.client_cpu:5.2f} s, "
+            f"({m.cpu_per_unit or 0:.3f}/{scenario.per}), {front}, client CPU {m.client_cpu:5.2f} s, "
             f"other {m.other_cpu:5.2f} s"
             + ("" if m.ok else "  FAILED: " + "; ".join(m.errors)[:300])
             + (f"  [{len(m.log_lines)} log lines]" if m.log_lines else ""))
@@ -118,6 +129,7 @@ def run_block(arm, args, round_no: int, meta: dict, results: Results) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     procs.install_signal_handlers()
+    nofile = procs.raise_nofile()      # 500 clients (f) and PgBouncer's max_client_conn = 1000 need descriptors
     bindir = find_bindir(args.bindir)
     pg_version = subprocess.run([os.path.join(bindir, "postgres"), "--version"], capture_output=True,
                                 text=True).stdout.strip()
@@ -133,8 +145,16 @@ def main(argv=None) -> int:
     arm_names = list(args.arms)
     pgbouncer = None
     skipped: list[str] = []
+    idle = [a for a in arm_names if not any(runs_on(s, a) for s in args.scenarios)]
+    if idle:
+        say(f"bench: no selected scenario runs on {', '.join(idle)}; left out "
+            f"(scenario -> arms: {'; '.join(f'{k}: ' + ','.join(v) for k, v in SCENARIO_ARMS.items())})")
+        arm_names = [a for a in arm_names if a not in idle]
     if any(a.startswith("pgbouncer") for a in arm_names):
-        pgbouncer = find_pgbouncer()
+        pgbouncer = args.pgbouncer or default_pgbouncer()
+        if args.pgbouncer and not os.access(args.pgbouncer, os.X_OK):
+            say(f"bench: --pgbouncer {args.pgbouncer}: not an executable file")
+            return 2
         if pgbouncer is None:
             loud(["PgBouncer is not installed: the PgBouncer arms are SKIPPED.",
                   f"Install it with:  {PGBOUNCER_INSTALL}   (Debian/Ubuntu package `pgbouncer`, as root;",
@@ -159,9 +179,18 @@ def main(argv=None) -> int:
         "scenario_warmup": args.scenario_warmup, "arms": arm_names, "scenarios": args.scenarios,
         "machine": machine_info(), "postgres_version": pg_version, "bindir": bindir,
         "pgbouncer_version": pgbouncer_version(pgbouncer) if pgbouncer else None,
-        "skipped_arms": skipped,
+        "pgbouncer_binary": pgbouncer,
+        "pgbouncer_config": ({"max_client_conn": PGBOUNCER_MAX_CLIENT_CONN, "default_pool_size": PGBOUNCER_POOL_SIZE,
+                              "max_prepared_statements": PGBOUNCER_MAX_PREPARED
+                              if pgbouncer_version_tuple(pgbouncer) >= (1, 21) else None} if pgbouncer else None),
+        "skipped_arms": skipped, "left_out_arms": idle,
+        "labels": {a: LABELS[a] for a in arm_names},
+        "pgfast_default_workers": default_workers(),
+        "pgfast_arm_settings": {a: PGFAST_ARM_SETTINGS[a] + args.pgfast_setting for a in arm_names
+                                if a in PGFAST_ARMS},
+        "scenario_arms": {k: [a for a in SCENARIO_ARMS[k] if a in arm_names] for k in args.scenarios},
         "pgfast_version": pgfast.__version__, "pgfast_settings": args.pgfast_setting, "git": git_state(REPO),
-        "busy_before_start": busy,
+        "busy_before_start": busy, "rlimit_nofile": nofile,
         "commands": {k: SCENARIOS[k].shown(args.duration) for k in args.scenarios},
     }
     cluster = None
@@ -180,14 +209,15 @@ def main(argv=None) -> int:
         for name in arm_names:
             if name == "stock":
                 arms[name] = StockArm(cluster)
-            elif name == "pgfast":
-                arms[name] = PgfastArm(cluster, args.pgfast_setting)
+            elif name in PGFAST_ARMS:
+                arms[name] = PgfastArm(cluster, name, args.pgfast_setting)
             else:
                 arms[name] = PgBouncerArm(cluster, name.split("-", 1)[1], pgbouncer)
         meta["tls"] = {}
-        # PgBouncer and stock share the running PostgreSQL, pgfast needs it stopped: order the
-        # arms so that one round restarts PostgreSQL once, and rotate that order every round
-        base = [a for a in arm_names if a != "pgfast"] + (["pgfast"] if "pgfast" in arm_names else [])
+        # PgBouncer and stock share the running PostgreSQL, pgfast needs it stopped (each pgfast arm
+        # starts its own): the arms sharing the stock postmaster go together, the pgfast arms after
+        # them, and that order rotates by one every round
+        base = [a for a in arm_names if a not in PGFAST_ARMS] + [a for a in arm_names if a in PGFAST_ARMS]
         for round_no in range(1, args.rounds + 1):
             shift = (round_no - 1) % len(base)
             order = base[shift:] + base[:shift]

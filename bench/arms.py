@@ -1,8 +1,11 @@
-"""The things measured: stock PostgreSQL TLS, pgfast, PgBouncer (session, transaction).
+"""The things measured: stock PostgreSQL TLS, pgfast (default, one worker, transaction pooling),
+PgBouncer (session, transaction).
 
 Each arm serves the same cluster on a TCP port with the same certificate; start() and stop()
 are never inside a timed measurement. cpu_roots() names the processes whose trees make up
-"server-side CPU" for the arm (see procs.tree_cpu and bench/README.md).
+"server-side CPU" for the arm (see procs.tree_cpu and bench/README.md); front_pids() names the
+front door's own processes alone ("front CPU": pgfast's processes without PostgreSQL, or the
+pgbouncer process; none for stock).
 """
 from __future__ import annotations
 
@@ -17,13 +20,38 @@ import time
 from . import procs
 from .cluster import BenchError, Cluster, free_port
 
-ARM_NAMES = ("stock", "pgfast", "pgbouncer-session", "pgbouncer-transaction")
+
+
+def default_workers() -> int:
+    """pgfast.workers = auto: one per core this process may run on, at most 8 (pgfast/config.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _workers_label(n: int) -> str:
+    return f"{n} worker{'s' if n != 1 else ''}"
+
+
+ARM_NAMES = ("stock", "pgfast", "pgfast-w1", "pgfast-tx", "pgbouncer-session", "pgbouncer-transaction")
+PGFAST_ARMS = ("pgfast", "pgfast-w1", "pgfast-tx")
+# each pgfast arm's own settings, before any --pgfast-setting (which every pgfast arm gets)
+PGFAST_ARM_SETTINGS = {
+    "pgfast": [],
+    "pgfast-w1": ["pgfast.workers=1"],
+    "pgfast-tx": ["pgfast.pool_mode=transaction", "pgfast.pool_size=20", "pgfast.max_client_conn=1000"],
+}
 LABELS = {
     "stock": "stock PostgreSQL TLS",
-    "pgfast": "pgfast",
+    "pgfast": f"pgfast ({_workers_label(default_workers())})",
+    "pgfast-w1": "pgfast, 1 worker",
+    "pgfast-tx": "pgfast transaction pooling",
     "pgbouncer-session": "PgBouncer TLS session",
     "pgbouncer-transaction": "PgBouncer TLS transaction",
 }
+NEW_PGBOUNCER = "/opt/pgbouncer-new/bin/pgbouncer"
+PGBOUNCER_MAX_CLIENT_CONN = 1000
+PGBOUNCER_POOL_SIZE = 20
+PGBOUNCER_MAX_PREPARED = 200        # only with PgBouncer >= 1.21 (protocol-level prepared statements)
 # what is worth a look in a server log during a measurement
 SUSPICIOUS = re.compile(r"\b(ERROR|FATAL|PANIC|WARNING|Traceback|Exception|error)\b")
 PGBOUNCER_INSTALL = "apt-get install pgbouncer"
@@ -33,6 +61,13 @@ def find_pgbouncer() -> str | None:
     return shutil.which("pgbouncer") or next(
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer") if os.access(p, os.X_OK)),
         None)
+
+
+def default_pgbouncer() -> str | None:
+    """The newer PgBouncer built in /opt (it has max_prepared_statements) when there, else the system's."""
+    if os.path.isfile(NEW_PGBOUNCER) and os.access(NEW_PGBOUNCER, os.X_OK):
+        return NEW_PGBOUNCER
+    return find_pgbouncer()
 
 
 def wait_accepting(cluster: Cluster, port: int, server: procs.Server | None, timeout: float = 60) -> None:
@@ -73,6 +108,10 @@ class Arm:
     def cpu_roots(self) -> list[int]:
         raise NotImplementedError
 
+    def front_pids(self) -> list[int]:
+        """The front door's own processes (read one by one, not as trees); [] for none."""
+        return []
+
     def logs(self) -> list[procs.Server]:
         """Servers whose logs are checked for errors during each measurement."""
         raise NotImplementedError
@@ -110,15 +149,18 @@ class StockArm(Arm):
 
 class PgfastArm(Arm):
     """`python -m pgfast run -D <the same data directory>`: pgfast starts that PostgreSQL itself,
-    network off, and serves the TCP port."""
-    name = "pgfast"
+    network off, and serves the TCP port. One class for the three pgfast arms: `pgfast` (its
+    default configuration), `pgfast-w1` (one process), `pgfast-tx` (transaction pooling)."""
 
-    def __init__(self, cluster: Cluster, settings: list[str]):
+    def __init__(self, cluster: Cluster, name: str, settings: list[str]):
         super().__init__(cluster)
-        self.settings = settings
+        self.name = name
+        self.arm_settings = list(PGFAST_ARM_SETTINGS[name])
+        self.settings = self.arm_settings + list(settings)       # --pgfast-setting last: it wins
         self.port = free_port()
         self.server: procs.Server | None = None
-        self.log_path = os.path.join(cluster.logdir, "pgfast.log")
+        self.log_path = os.path.join(cluster.logdir, f"{name}.log")
+        self.workers_seen: list[int] = []                          # worker pids at the last start
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "pgfast", "run", "-D", self.cluster.data, "-p", str(self.port),
@@ -127,9 +169,36 @@ class PgfastArm(Arm):
             argv += ["-c", setting]
         return argv
 
+    def expected_workers(self) -> int:
+        """Worker processes (children of `pgfast run`) this configuration should have: 0 with one worker
+        (the run process serves itself), else the worker count."""
+        value = "auto"
+        for setting in self.settings:
+            key, _, v = setting.partition("=")
+            if key.strip() == "pgfast.workers":
+                value = v.strip()
+        n = default_workers() if value in ("auto", "") else int(value) if value.isdigit() else default_workers()
+        return 0 if n <= 1 else n
+
     def describe(self) -> str:
         extra = f" with {', '.join(self.settings)}" if self.settings else ""
-        return f"pgfast{extra}"
+        workers = f", worker pids {self.workers_seen}" if self.workers_seen else ", no worker processes"
+        return f"{self.label}{extra} (pgfast pid {self.server.pid if self.server else '?'}{workers})"
+
+    def worker_pids(self) -> list[int]:
+        """Children of the `pgfast run` process whose command line is python ... pgfast (its forked workers;
+        not the PostgreSQL postmaster, which is its child too)."""
+        if self.server is None:
+            return []
+        root = self.server.pid
+        found = []
+        for pid, (ppid, _, _) in procs.process_table().items():
+            if ppid != root:
+                continue
+            cmd = procs.cmdline(pid)
+            if "pgfast" in cmd and "python" in os.path.basename(cmd.split(" ", 1)[0]):
+                found.append(pid)
+        return sorted(found)
 
     def start(self) -> None:
         self.cluster.stop_stock()
@@ -137,30 +206,39 @@ class PgfastArm(Arm):
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-        self.server = procs.start_server("pgfast", self.command(), self.log_path, signal.SIGTERM, as_db=False,
+        # SIGINT: a fast shutdown, as pg_ctl stop's default (SIGTERM is PostgreSQL's smart one)
+        self.server = procs.start_server(self.name, self.command(), self.log_path, signal.SIGINT, as_db=False,
                                          env=env)
         ready = f"[{self.server.pid}] LOG:  database system is ready to accept connections"
         start_at = self.server.log_size()
         deadline = time.monotonic() + 120
-        while ready not in self.server.log_text():
+        while ready not in self.server.log_text(start_at):
             if not self.server.alive():
-                raise BenchError(f"pgfast exited ({self.server.process.returncode}) during start-up:\n"
+                raise BenchError(f"{self.name} exited ({self.server.process.returncode}) during start-up:\n"
                                  f"{self.server.log_text(start_at)[-4000:]}")
             if time.monotonic() > deadline:
-                raise BenchError(f"pgfast did not become ready:\n{self.server.log_text(start_at)[-4000:]}")
+                raise BenchError(f"{self.name} did not become ready:\n{self.server.log_text(start_at)[-4000:]}")
             time.sleep(0.05)
         wait_accepting(self.cluster, self.port, self.server)
+        self.workers_seen = self.worker_pids()
+        if len(self.workers_seen) != self.expected_workers():
+            raise BenchError(f"{self.name}: expected {self.expected_workers()} worker processes under pgfast "
+                             f"(pid {self.server.pid}), found {len(self.workers_seen)}: {self.workers_seen}")
 
     def stop(self) -> None:
         if self.server is not None:
             status = self.server.stop(timeout=60)
             if status not in (0, None):
-                print(f"bench: pgfast exited with status {status} when stopped; see {self.log_path}", flush=True)
+                print(f"bench: {self.name} exited with status {status} when stopped; see {self.log_path}",
+                      flush=True)
             self.server = None
         self.cluster.wait_no_postmaster()
 
     def cpu_roots(self) -> list[int]:
         return [self.server.pid]        # pgfast, its workers if any, its PostgreSQL and the backends
+
+    def front_pids(self) -> list[int]:
+        return [self.server.pid] + self.worker_pids()      # without the postmaster and its backends
 
     def logs(self) -> list[procs.Server]:
         return [self.server]
@@ -174,6 +252,7 @@ class PgBouncerArm(Arm):
         self.mode = mode
         self.name = f"pgbouncer-{mode}"
         self.binary = binary
+        self.version = pgbouncer_version_tuple(binary)
         self.port = free_port()
         self.server: procs.Server | None = None
         self.dir = os.path.join(cluster.root, f"pgbouncer-{mode}")
@@ -198,9 +277,9 @@ logfile =
 auth_type = trust
 auth_file = {self.dir}/userlist.txt
 pool_mode = {self.mode}
-max_client_conn = {200}
-default_pool_size = 20
-ignore_startup_parameters = extra_float_digits
+max_client_conn = {PGBOUNCER_MAX_CLIENT_CONN}
+default_pool_size = {PGBOUNCER_POOL_SIZE}
+{self.prepared_line()}ignore_startup_parameters = extra_float_digits
 client_tls_sslmode = require
 client_tls_cert_file = {data}/server.crt
 client_tls_key_file = {data}/server.key
@@ -212,8 +291,21 @@ stats_period = 600
 """)
         procs.chown_db(self.dir)
 
+    def prepared_line(self) -> str:
+        """max_prepared_statements exists from PgBouncer 1.21 on (0 = off, the default before 1.22)."""
+        if self.version >= (1, 21):
+            return f"max_prepared_statements = {PGBOUNCER_MAX_PREPARED}\n"
+        return ""
+
+    def describe(self) -> str:
+        return f"{self.label} ({self.binary}, pid {self.server.pid if self.server else '?'})"
+
+    def _stock_children(self) -> int:
+        return sum(1 for ppid, _, _ in procs.process_table().values() if ppid == self.cluster.stock.pid)
+
     def start(self) -> None:
         self.cluster.start_stock()
+        self.stock_children = self._stock_children()      # auxiliary processes, no backend of ours
         self.write_config()
         self.server = procs.start_server(self.name, [self.binary, self.ini],
                                          os.path.join(self.cluster.logdir, f"{self.name}.log"), signal.SIGTERM)
@@ -223,9 +315,23 @@ stats_period = 600
         if self.server is not None:
             self.server.stop(timeout=30)
             self.server = None
+            # its server connections' backends see the close and exit: wait for that, so the next arm
+            # (or the stop of PostgreSQL for a pgfast arm) does not find them still going
+            deadline = time.monotonic() + 15
+            while self.cluster.stock is not None and self.cluster.stock.alive() and time.monotonic() < deadline:
+                if self._stock_children() <= self.stock_children:
+                    break
+                time.sleep(0.02)
+            else:
+                if self.cluster.stock is not None and self.cluster.stock.alive():
+                    print(f"bench: {self.name}: PostgreSQL still has {self._stock_children()} children 15 s after "
+                          f"PgBouncer stopped ({self.stock_children} at its start)", flush=True)
 
     def cpu_roots(self) -> list[int]:
         return [self.server.pid, self.cluster.stock.pid]
+
+    def front_pids(self) -> list[int]:
+        return [self.server.pid]
 
     def logs(self) -> list[procs.Server]:
         return [self.server, self.cluster.stock]
@@ -237,3 +343,11 @@ def pgbouncer_version(binary: str) -> str:
         return out.splitlines()[0].strip() if out else "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
+
+
+def pgbouncer_version_tuple(binary: str) -> tuple[int, ...]:
+    """(1, 25, 2) from `PgBouncer 1.25.2`; (0,) when it cannot be told."""
+    match = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", pgbouncer_version(binary))
+    if not match:
+        return (0,)
+    return tuple(int(x) for x in match.groups() if x is not None)

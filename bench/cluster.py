@@ -22,7 +22,7 @@ from pgfast.postmaster import live_postmaster_pid
 from . import procs
 
 SCALE = 10
-MAX_CONNECTIONS = 200
+MAX_CONNECTIONS = 600         # stock PostgreSQL takes scenario f's 500 TLS clients itself
 # bulk data: COPY's text output of repeat('x', 1000) for 200,000 rows, a newline after each row
 BULK_ROWS = 200_000
 BULK_WIDTH = 1000

@@ -133,6 +133,20 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def raise_nofile(want: int = 65536) -> int:
+    """Raise the soft limit on open files (inherited by every server and client started) towards want,
+    within the hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 # ------------------------------------------------------------------ clients
 
 @dataclass
@@ -145,10 +159,12 @@ class ClientResult:
 
 
 def run_client(argv: list[str], env: dict, *, stdin=None, stdout=None,
-               timeout: float | None = None) -> ClientResult:
+               timeout: float | None = None, on_start=None) -> ClientResult:
     """Run a client program to completion, timing it and reading its CPU (wait4 rusage).
 
     stdout may be a file object (e.g. bulk output straight into a file); otherwise it is captured.
+    on_start(process), when given, is called right after the spawn and before waiting for the
+    exit (it may block for a while: e.g. until the client has made its connections).
     """
     cpu_before = children_cpu()
     start = time.perf_counter()
@@ -156,7 +172,10 @@ def run_client(argv: list[str], env: dict, *, stdin=None, stdout=None,
                                stdout=stdout if stdout is not None else subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd="/")
     try:
-        out, err = process.communicate(timeout=timeout)
+        if on_start is not None:
+            on_start(process)
+        out, err = process.communicate(timeout=None if timeout is None else
+                                       max(1.0, timeout - (time.perf_counter() - start)))
     except subprocess.TimeoutExpired:
         process.kill()
         out, err = process.communicate()
@@ -203,7 +222,45 @@ def process_table() -> dict[int, tuple[int, int, int]]:
     return table
 
 
-def tree_cpu(roots: list[int]) -> float:
+def cmdline(pid: int) -> str:
+    """The command line of pid, arguments joined by spaces ("" when it is gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def own_cpu(pids: list[int]) -> dict[int, int]:
+    """pid -> utime + stime in clock ticks, for exactly these processes (no children, nothing reaped);
+    a pid that is gone is left out."""
+    out = {}
+    for pid in pids:
+        stat = _stat(pid)
+        if stat is not None:
+            out[pid] = stat[1]
+    return out
+
+
+def tree_pids(roots: list[int], table: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
+    """The roots that exist and all their descendants (zombies included)."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seen: set[int] = set()
+    order: list[int] = []
+    stack = [r for r in roots if r in table]
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            order.append(pid)
+            stack.extend(children.get(pid, ()))
+    return order
+
+
+def tree_cpu(roots: list[int], attempts: int = 50) -> float:
     """CPU seconds of the process trees under roots, lifetime so far.
 
     For every live process in the trees (roots and all descendants, zombies included):
@@ -211,23 +268,36 @@ def tree_cpu(roots: list[int]) -> float:
     lifetime CPU into its parent's cutime/cstime, so a backend that ended during a
     measurement still counts (through the postmaster), and the difference of two readings
     is the CPU spent in between by everything that was or became part of the trees.
+
+    One scan of /proc is not atomic: a child reaped after its parent's stat was read and before its
+    own was is counted nowhere. So after the scan the cutime+cstime of every process of the trees is
+    read again, and the scan repeated while any of them changed (a reap happened meanwhile).
     """
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
     total = 0
-    seen = set()
-    stack = [r for r in roots if r in table]
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        _, own, reaped = table[pid]
-        total += own + reaped
-        stack.extend(children.get(pid, ()))
+    for _ in range(attempts):
+        table = process_table()
+        pids = tree_pids(roots, table)
+        total = sum(table[p][1] + table[p][2] for p in pids)
+        if all((_stat(p) or (0, 0, -1))[2] == table[p][2] for p in pids):
+            break
+        time.sleep(0.002)
     return total / CLK_TCK
+
+
+def established(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose local port is port (the server's ends), IPv4 and IPv6."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except OSError:
+            pass
+    return count
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -258,10 +328,6 @@ def other_busy_processes(exclude: set[int], min_share: float = 0.05, seconds: fl
             continue
         used = (own - before.get(pid, (0, own, 0))[1]) / CLK_TCK / seconds
         if used >= min_share:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                cmd = "?"
+            cmd = cmdline(pid) or "?"
             busy.append(f"pid {pid} {used:.0%} of a core: {cmd[:100]}")
     return busy
