@@ -21,6 +21,7 @@ cdef class TLSPump:
     cdef void *_from_ssl     # memory BIO: ciphertext to send to the peer
     cdef object _owner       # the pyOpenSSL Connection that owns the pointers
     cdef PumpState _state
+    cdef bytes _outgoing     # records made while decrypting, not yet taken
 
     @staticmethod
     cdef TLSPump new(object connection)
@@ -34,3 +35,4 @@ cdef class TLSPump:
     cpdef bytes encrypt(self, bytes plaintext)
     cpdef bytes close_notify(self)
     cpdef bytes pending_ciphertext(self)
+    cpdef bytes take_outgoing(self)

@@ -210,7 +210,18 @@ cdef class TLSPump:
             filled = self._read_plaintext(filled)
             if pos >= n or self._state != PUMP_OPEN:
                 break
-        return PyBytes_FromStringAndSize(_scratch, filled)
+        plaintext = PyBytes_FromStringAndSize(_scratch, filled)
+        # records OpenSSL made while reading (a refused renegotiation's alert, a TLS 1.3
+        # KeyUpdate's answer): the caller sends them now, not with its next write
+        filled = self._drain_into(0)
+        if filled:
+            self._outgoing = (self._outgoing or b"") + PyBytes_FromStringAndSize(_scratch, filled)
+        return plaintext
+
+    cpdef bytes take_outgoing(self):
+        """What decrypt() left to send (b'' mostly)."""
+        out, self._outgoing = self._outgoing, None
+        return out or b""
 
     cpdef bytes encrypt(self, bytes plaintext):
         """Ciphertext records for plaintext, none carrying more than 8192 bytes of it."""
@@ -230,6 +241,8 @@ cdef class TLSPump:
             p += wrote
             left -= wrote
             filled = self._drain_into(filled)
+        if self._outgoing is not None:        # made before all of this
+            return self.take_outgoing() + PyBytes_FromStringAndSize(_scratch, filled)
         return PyBytes_FromStringAndSize(_scratch, filled)
 
     cpdef bytes close_notify(self):
@@ -242,4 +255,5 @@ cdef class TLSPump:
 
     cpdef bytes pending_ciphertext(self):
         """Records OpenSSL produced on its own (handshake replies, alerts, key updates)."""
-        return PyBytes_FromStringAndSize(_scratch, self._drain_into(0))
+        earlier = self.take_outgoing()
+        return earlier + PyBytes_FromStringAndSize(_scratch, self._drain_into(0))

@@ -27,6 +27,8 @@ cdef class Relay:
             except TLSError as exc:
                 self._session.client_failed(exc)
                 return
+            if self._pump._outgoing is not None:
+                self._client_write(self._pump.take_outgoing())
         if data:
             self.forward_client(data)
         if self._pump is not None and self._pump.peer_closed and not self.client_done:

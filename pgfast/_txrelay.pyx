@@ -461,6 +461,8 @@ cdef class TxRelay:
             except TLSError as exc:
                 self._session.client_failed(exc)
                 return
+            if self._pump._outgoing is not None:
+                self._client_write(self._pump.take_outgoing())
         self.feed(data)
         if self._pump is not None and self._pump.peer_closed:
             self.client_eof()

@@ -150,6 +150,9 @@ class ClientConnection(asyncio.Protocol):
             except TLSError as exc:
                 self.client_failed(exc)
                 return
+            outgoing = self._tls.pump.take_outgoing()
+            if outgoing:
+                self.transport.write(outgoing)
         self._inbuf.feed_data(data)
         if self._state in _READING_STARTUP:
             self._do_negotiate()
@@ -274,11 +277,13 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(refusal)
 
     def _on_request(self, code: int, request) -> None:
+        # as ProcessStartupPacket: no second SSLRequest, and a GSSENCRequest only while
+        # not inside TLS; otherwise the code is an unsupported protocol version
         if isinstance(request, SSLRequest) and SSLRequest not in self._answered:
             self._on_ssl_request()
-        elif isinstance(request, SSLRequest) and self._tls is not None:
-            self._send(messages.SSL_REFUSE)        # already inside TLS (PostgreSQL 17)
-        elif isinstance(request, GSSENCRequest) and GSSENCRequest not in self._answered:
+        elif isinstance(request, SSLRequest) and self._tls is not None and self._direct_tls:
+            self._send(messages.SSL_REFUSE)        # inside direct TLS (PostgreSQL 17)
+        elif isinstance(request, GSSENCRequest) and GSSENCRequest not in self._answered and self._tls is None:
             self._answered.add(GSSENCRequest)
             self._send(messages.SSL_REFUSE)        # no GSSAPI encryption: 'N', the client goes on
         elif isinstance(request, CancelRequest):
