@@ -18,10 +18,13 @@ cdef class Relay:
     cdef readonly MessageScanner client_stream
     cdef readonly MessageScanner backend_stream
     cdef readonly bint client_done    # Terminate or close_notify seen: nothing more to relay
+    cdef readonly bint input_ended    # the client left with work in flight: the backend was told
 
     cpdef from_client(self, bytes data)
     cpdef forward_client(self, bytes data)
+    cpdef bint client_eof(self)
     cdef _finish(self)
+    cdef bint _answers_due(self)
     cpdef from_backend(self, bytes data)
     cpdef bint backend_clean(self)
 

@@ -4,6 +4,8 @@
 from pgfast._framing import ProtocolViolation
 from pgfast._pump import TLSError
 
+cdef bytes _TERMINATE = b"X\x00\x00\x00\x04"
+
 
 cdef class Relay:
 
@@ -31,8 +33,8 @@ cdef class Relay:
                 self._client_write(self._pump.take_outgoing())
         if data:
             self.forward_client(data)
-        if self._pump is not None and self._pump.peer_closed and not self.client_done:
-            self._finish()
+        if self._pump is not None and self._pump.peer_closed:
+            self.client_eof()
 
     cpdef forward_client(self, bytes data):
         """Plaintext from the client to the backend, less any Terminate."""
@@ -51,9 +53,35 @@ cdef class Relay:
             self._backend_write(data[:cut])
         if self.client_stream.database_ddl != ddl:
             self._session.database_ddl_sent()
-        if cut >= 0:
+        if cut < 0:
+            return
+        if self._answers_due():
+            # as from PostgreSQL, the client gets its answers, then the backend (which
+            # will not be kept) ends the session
+            self._backend_write(_TERMINATE)
+            self.client_done = self.input_ended = True
+        else:
             # a pooled backend outlives the client: its Terminate stays here
             self._finish()
+
+    cpdef bint client_eof(self):
+        """The client half-closed (or sent close_notify): as PostgreSQL, the backend answers
+        what it was sent, which the client may still read, and then the session ends (the
+        backend, told of the end, is not kept). True: keep the transport open."""
+        if self.client_done or self.input_ended:
+            return False
+        if not self._answers_due():
+            self._finish()
+            return False
+        self.client_done = self.input_ended = True
+        self._session.client_input_ended()
+        return True
+
+    cdef inline bint _answers_due(self):
+        """Requests sent that PostgreSQL has not finished answering. (Without any, ending
+        at once is what PostgreSQL's answer would be: a transaction left open is rolled
+        back either way.)"""
+        return self.client_stream.requests != self.backend_stream.readies
 
     cdef _finish(self):
         self.client_done = True
@@ -79,7 +107,7 @@ cdef class Relay:
         ReadyForQuery, the last of which said idle (no transaction open), and neither
         stream stops inside a message. Anything else is work in flight, and a backend
         with work in flight is closed, never reused."""
-        return (self.client_stream.trailing == 0
+        return (not self.input_ended and self.client_stream.trailing == 0
                 and self.client_stream.requests == self.backend_stream.readies
                 and self.backend_stream.tx_status == b'I'
                 and self.client_stream.at_boundary and self.backend_stream.at_boundary)
@@ -106,7 +134,7 @@ cdef class ClientSide:
         self._relay.from_client(data)
 
     def eof_received(self):
-        return False
+        return self._relay.client_eof()
 
     def connection_lost(self, exc):
         self._relay._session.client_lost()

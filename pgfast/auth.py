@@ -14,7 +14,7 @@ from typing import Protocol
 
 from . import log, messages
 from .catalog import Credentials
-from .errors import AuthFailed
+from .errors import AuthFailed, ClientGone
 from .hba import HbaLine, HbaRules, IdentMap
 from .passwords import check_plain_password, is_md5, md5_salted
 from .scram import SCRAM, SCRAM_PLUS, ScramServer, malformed, mock_scram, parse_scram
@@ -141,17 +141,24 @@ class Exchange(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
-    async def receive(self) -> tuple[int, bytes]: ...
+    async def receive(self) -> tuple[int, bytes | None]: ...  # None: a message of an invalid length
 
 
 def _request(code: int, data: bytes = b"") -> bytes:
     return messages.message(b"R", struct.pack("!i", code) + data)
 
 
+class _Unreadable(Exception):
+    """A SASL message of an invalid length: PostgreSQL fails the exchange (STATUS_ERROR)."""
+
+
 async def _password_message(exchange: Exchange, kind: str) -> bytes:
     msg_type, payload = await exchange.receive()
     if msg_type != ord("p"):
         raise AuthFailed("08P01", f"expected {kind} response, got message type {msg_type}")
+    if payload is None:
+        # PostgreSQL's recv_password_packet takes it for EOF; CheckSASLAuth for a failure
+        raise _Unreadable() if kind == "SASL" else ClientGone()
     return payload
 
 
@@ -190,7 +197,12 @@ async def authenticate_password(line: HbaLine, info: ClientInfo, exchange: Excha
         scram = parse_scram(secret)
         if problem is None and scram is None:
             problem = f'User "{info.user}" does not have a valid SCRAM secret.'
-        if not await _scram_exchange(exchange, scram or mock_scram(info.user), channel_binding) and problem is None:
+        try:
+            matched = await _scram_exchange(exchange, scram or mock_scram(info.user), channel_binding)
+        except _Unreadable:
+            raise AuthFailed("28P01", f'password authentication failed for user "{info.user}"',
+                             _line_context(line)) from None
+        if not matched and problem is None:
             problem = mismatch
     if problem is not None:
         raise AuthFailed("28P01", f'password authentication failed for user "{info.user}"',

@@ -60,13 +60,27 @@ LOGIN_FACTS = (
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = $2")
 
 
+def _as_text(name: str) -> str:
+    """name if it is valid UTF-8 (the catalogs' encoding), else ''."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return name
+
+
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()        # each waiter has it already; there may be none left
 
 
 class CatalogError(Exception):
-    pass
+    def __init__(self, message: str, sqlstate: str | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate        # PostgreSQL's, when it refused the query
+
+
+_BAD_ENCODING = "22021"      # invalid byte sequence for encoding
 
 
 @dataclass(frozen=True)
@@ -237,7 +251,8 @@ class CatalogSession(asyncio.Protocol):
             raise failure
         if not request.future.done():      # done: its waiter gave up; the answer is dropped
             if request.error is not None:
-                request.future.set_exception(CatalogError(request.error.get("M", "catalog query failed")))
+                request.future.set_exception(CatalogError(request.error.get("M", "catalog query failed"),
+                                                          request.error.get("C")))
             else:
                 request.future.set_result(request.rows)
         if self.state is SessionState.RETIRING and not self._queue:
@@ -329,7 +344,15 @@ class Catalog:
         _retrieve(future)
 
     async def login_facts(self, user: str, database: str, *, roles: bool) -> LoginFacts:
-        rows = await self.query(LOGIN_FACTS, (user, database, "roles" if roles else ""))
+        asked = "roles" if roles else ""
+        try:
+            rows = await self.query(LOGIN_FACTS, (user, database, asked))
+        except CatalogError as exc:
+            if exc.sqlstate != _BAD_ENCODING:
+                raise
+            # a name that is not text in the catalogs' encoding names nothing there, as
+            # PostgreSQL finds when it looks the bytes up; '' is no role's or database's name
+            rows = await self.query(LOGIN_FACTS, (_as_text(user), _as_text(database), asked))
         if len(rows) != 1:
             raise CatalogError(f"the login query returned {len(rows)} rows")
         (_, _, _, role_oid, secret, can_login, expired, role_limit, database_oid, allow, database_limit,

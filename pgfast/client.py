@@ -36,7 +36,7 @@ from .auth import MAX_AUTH_TOKEN_LENGTH, AuthFailed, ClientInfo
 from ._txrelay import TxRelay
 from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
-from .errors import Refused
+from .errors import ClientGone, Refused
 from .login import log_in
 from .negotiation import (NEWEST_MINOR, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
                           unsupported_protocol)
@@ -48,7 +48,7 @@ from .txsession import TransactionSession, greet
 # other side's transport queue holds more than this.
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
-# Before authentication a client may only send small things.
+# What a client may send ahead of its login before pgfast stops reading from it.
 _PREAUTH_LIMIT = 64 * 1024
 _TLS_RECORD_TYPE_HANDSHAKE = 0x16
 _NOT_ACCEPTING = "the database system is not accepting connections"
@@ -107,6 +107,8 @@ class ClientConnection(asyncio.Protocol):
         self._relay: Relay | TxRelay | None = None
         self._tx: TransactionSession | None = None            # ... or backends lent per transaction
         self._cancel_pid: int | None = None
+        self._reading_paused = False        # the client sent more than _PREAUTH_LIMIT ahead of its login
+        self._input_ended = False           # it half-closed while logging in
 
     # --- state -------------------------------------------------------------------------
 
@@ -156,15 +158,24 @@ class ClientConnection(asyncio.Protocol):
         self._inbuf.feed_data(data)
         if self._state in _READING_STARTUP:
             self._do_negotiate()
-        elif self._inbuf.size() > _PREAUTH_LIMIT:
-            self.refuse(Refused("08P01", "too much data received before authentication completed"))
-        elif self._waiter is not None and not self._waiter.done():
+        elif self._inbuf.size() > _PREAUTH_LIMIT and not self._reading_paused:
+            # what the client sent ahead of its login waits in the kernel, as it does for
+            # PostgreSQL (which reads it only after authentication)
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def eof_received(self):
         if self._state in _READING_STARTUP and self._inbuf.size():
             log.log("incomplete startup packet")
-        return False
+        if self._state not in _LOGGING_IN:
+            return False
+        # half-closed while logging in: what it sent is still served, and it still reads
+        self._input_ended = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        return True
 
     def connection_lost(self, exc) -> None:
         if self._state is State.CLOSED:
@@ -371,10 +382,15 @@ class ClientConnection(asyncio.Protocol):
         while True:
             try:
                 msg = self._inbuf.take_message(MAX_AUTH_TOKEN_LENGTH)
-            except ProtocolViolation as exc:
-                raise AuthFailed("08P01", str(exc)) from None
+            except ProtocolViolation:
+                # PostgreSQL reads the type, then fails the length (pq_getmessage logs it):
+                # the caller says what that means for its exchange
+                log.log("invalid message length")
+                return self._inbuf.first_byte(), None
             if msg is not None:
                 return msg
+            if self._input_ended:
+                raise ClientGone()          # PostgreSQL's STATUS_EOF: nothing more is said
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
@@ -406,6 +422,8 @@ class ClientConnection(asyncio.Protocol):
                 backend, leftover = await frontend.pool.acquire(startup.params, rules)
         except Refused as refusal:
             self.refuse(refusal)
+        except ClientGone:
+            self._disconnect()
         except CatalogError as exc:
             log_catalog_failure(exc)
             self.refuse(Refused("57P03", _NOT_ACCEPTING,
@@ -446,6 +464,7 @@ class ClientConnection(asyncio.Protocol):
         pending = self._inbuf.take_all()
         if pending:
             self._relay.forward_client(pending)
+        self._hand_over_input()
 
     def _start_transaction_pooling(self, pool, params: dict[str, str]) -> None:
         """Greet the client with what one of its pool's backends said, then relay its
@@ -469,6 +488,15 @@ class ClientConnection(asyncio.Protocol):
         pending = self._inbuf.take_all()
         if pending:
             self._relay.feed(pending)
+        self._hand_over_input()
+
+    def _hand_over_input(self) -> None:
+        """What was held back during the login now goes to the relay."""
+        if self._input_ended:
+            self._relay.client_eof()
+        elif self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def forward_cancel(self) -> None:
         """A CancelRequest with this session's key: for the backend running its work now."""
@@ -490,6 +518,11 @@ class ClientConnection(asyncio.Protocol):
     def client_failed(self, exc: Exception) -> None:
         log.log(f"could not receive data from client: {exc}")
         self._disconnect()
+
+    def client_input_ended(self) -> None:
+        """The session relay's client half-closed: PostgreSQL is told so, answers what it
+        was sent and ends the session; the client reads the answers."""
+        self._backend.end_input()
 
     def backend_lost(self) -> None:
         backend = self._backend

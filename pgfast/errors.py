@@ -51,3 +51,8 @@ class Refused(Exception):
 
 class AuthFailed(Refused):
     """pg_hba.conf or an authentication exchange said no."""
+
+
+class ClientGone(Exception):
+    """The client's login cannot go on and PostgreSQL says nothing more to it (its
+    STATUS_EOF): the connection just closes."""

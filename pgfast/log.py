@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import sys
 import threading
 import time
@@ -72,12 +73,24 @@ class _Writer(threading.Thread):
 _writer: _Writer | None = None
 
 
+def start_thread(thread: threading.Thread) -> None:
+    """Start a helper thread with every signal blocked in it: a process-directed signal
+    is delivered to any thread that does not block it, and the supervisor waits for its
+    signals with sigwaitinfo in the main thread (a SIGCHLD taken by a helper thread is
+    lost, and a dead postmaster goes unnoticed)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def start_background() -> None:
     """From now on (while serving) messages are written by a thread of their own."""
     global _writer
     if _writer is None:
         _writer = _Writer()
-        _writer.start()
+        start_thread(_writer)
 
 
 def stop_background(timeout: float = 2.0) -> None:

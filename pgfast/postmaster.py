@@ -77,22 +77,27 @@ def remove_stale_socket_dirs() -> None:
 
 def _postmaster_status(data_dir: str, pid: int) -> str | None:
     """Line 8 of postmaster.pid, when it is this postmaster's: its own report of its state
-    (starting, ready, standby, stopping)."""
+    (starting, ready, standby, stopping); "" while it is still writing the file; None when
+    the file is gone or names another process (this one has let go of the directory)."""
     lines = _pid_file_lines(data_dir)
-    if len(lines) >= 8 and lines[0].strip() == str(pid):
-        return lines[7].strip()
-    return None
+    if not lines or lines[0].strip() != str(pid):
+        return None
+    return lines[7].strip() if len(lines) >= 8 else ""
 
 
 def wait_for_orphan(data_dir: str, pid: int, timeout: float = 30.0) -> bool:
     """True once a postmaster that is shutting down (its pgfast was killed: PostgreSQL got
-    PDEATHSIG) has gone; False at once for one that is running."""
+    PDEATHSIG) has gone; False at once for one that is running. A postmaster removes its
+    lock file a moment before it exits: that counts as gone."""
     deadline = time.monotonic() + timeout
-    while _postmaster_status(data_dir, pid) == "stopping" and time.monotonic() < deadline:
-        if not _alive(pid):
+    while time.monotonic() < deadline:
+        status = _postmaster_status(data_dir, pid)
+        if status is None or not _alive(pid):
             return True
+        if status != "stopping":
+            return False
         time.sleep(0.05)
-    return not _alive(pid)
+    return False
 
 
 def _pass_on(fd: int) -> None:
@@ -199,7 +204,7 @@ class Postmaster:
                                         start_new_session=True, preexec_fn=_die_with_parent)
         self._stderr = threading.Thread(target=_pass_on, args=(self.process.stderr.fileno(),),
                                         name="postgres-log", daemon=True)
-        self._stderr.start()
+        log.start_thread(self._stderr)
         self._wait_ready()
 
     def _wait_ready(self) -> None:

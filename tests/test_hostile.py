@@ -21,10 +21,9 @@ further. (What a TLS client sends still differs from run to run: its randoms and
 Servers (each ssl = on, authentication_timeout = 2s, the same pg_hba.conf): `server` (two
 worker processes) takes the batches; `tx_server` takes the session batches once more for a
 role with pgfast.pool_mode = transaction (ALTER ROLE SET), with its own log check; and
-`defect_server` (one worker) runs the reproducers of the defects found (strict xfail, each
-asserting what PostgreSQL 15 does with the same bytes), so that what they make pgfast log
-hides nothing in the other logs. Batches that fail under transaction pooling are strict
-xfails too (TX_DEFECTS).
+`defect_server` (one worker) runs the reproducers of the defects these batches found (each
+asserting what PostgreSQL 15 does with the same bytes; all fixed), so that what they make
+pgfast log hides nothing in the other logs.
 """
 from __future__ import annotations
 
@@ -1377,15 +1376,8 @@ class Way:
 
 # transaction pooling over TLS only (its relay is the same without TLS; the time is better spent)
 WAYS = [Way(False, "postgres"), Way(True, "postgres"), Way(True, TX_ROLE)]
-# Batches that fail under transaction pooling, for the reasons given (pgfast defects; the
-# same batches pass under session pooling, as against PostgreSQL itself).
-TX_DEFECTS = {}
-
-
 @pytest.fixture(params=WAYS, ids=[w.name for w in WAYS])
 def way(request) -> Way:
-    if request.param.role == TX_ROLE and request.node.originalname in TX_DEFECTS:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=TX_DEFECTS[request.node.originalname]))
     return request.param
 
 
@@ -1747,8 +1739,6 @@ def _errors(msgs: list[tuple[int, bytes]]) -> list[tuple[str | None, str | None]
     return [(error_fields(p).get("C"), error_fields(p).get("M")) for t, p in msgs if t == ord("E")]
 
 
-@pytest.mark.xfail(strict=True, reason="pgfast closes a client that half-closes (shutdown SHUT_WR) at once, "
-                                       "dropping the answers to what it sent before; PostgreSQL answers them")
 @pytest.mark.parametrize("when", ["before login", "in a session"])
 def test_half_closed_client_still_gets_its_answers(defect_server, when):
     if when == "before login":
@@ -1767,9 +1757,6 @@ def test_half_closed_client_still_gets_its_answers(defect_server, when):
     assert rows and rows[0].endswith(b"\x00\x00\x00\x0242"), msgs
 
 
-@pytest.mark.xfail(strict=True, reason="a query pipelined behind the StartupMessage is refused with a FATAL "
-                                       "'too much data received before authentication completed' (not a "
-                                       "PostgreSQL message) once more than 64 kB wait while the login runs")
 def test_query_pipelined_behind_the_startup_message(defect_server):
     query = query_message("select length('" + "x" * 300000 + "')")
     msgs = _exchange(defect_server, VALID_STARTUP + query + TERMINATE)
@@ -1777,10 +1764,6 @@ def test_query_pipelined_behind_the_startup_message(defect_server):
     assert any(t == ord("D") and p.endswith(b"300000") for t, p in msgs), msgs
 
 
-@pytest.mark.xfail(strict=True, reason="a SASL message of an invalid length is refused with FATAL 08P01 "
-                                       "'invalid message length N' (a wording PostgreSQL does not have; it logs "
-                                       "'invalid message length' and fails the authentication), and the length is "
-                                       "checked before the message type")
 @pytest.mark.parametrize("msg_type,length,expected", [
     (b"p", 0x7fffffff, ("28P01", f'password authentication failed for user "{SCRAM_ROLE}"')),
     (b"p", 2, ("28P01", f'password authentication failed for user "{SCRAM_ROLE}"')),
@@ -1803,10 +1786,6 @@ def test_gssenc_request_inside_tls(defect_server, tls_context):
         ("0A000", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0")], outcome
 
 
-@pytest.mark.xfail(strict=True, reason="a user name that is not UTF-8, on a pg_hba.conf line with a password "
-                                       "method, makes pgfast's catalog query fail: the client gets FATAL 57P03 "
-                                       "'the database system is not accepting connections' instead of the "
-                                       "password exchange (PostgreSQL asks for the SCRAM exchange, then fails it)")
 def test_non_utf8_user_name_under_password_authentication(defect_server):
     body = b"user\0hostile\xff\0database\0" + SCRAM_DATABASE.encode() + b"\0\0"
     packet = struct.pack("!II", len(body) + 8, 196608) + body

@@ -292,16 +292,6 @@ def test_ssl_request_then_session(server, tls_context):
     client.close()
 
 
-def test_ssl_request_inside_tls_is_refused_with_n(server, tls_context):
-    client = Client.tcp(server)
-    client.ssl_request(tls_context)
-    client.send(SSL_REQUEST)
-    assert client.read(1) == b"N"                  # read through TLS: it came encrypted
-    client.startup({"user": "postgres"})
-    assert client.query("select 1") == [("1",)]
-    client.close()
-
-
 def test_gssenc_request_then_ssl_request(server, tls_context):
     client = Client.tcp(server)
     client.send(GSSENC_REQUEST)
