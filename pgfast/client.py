@@ -26,6 +26,7 @@ import asyncio
 import enum
 import socket
 import struct
+import time
 import traceback
 
 from . import log, messages
@@ -38,6 +39,7 @@ from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
 from .errors import ClientGone, Refused
 from .login import log_in
+from .metrics import TLS_VERSIONS, handshake_failure_reason, metrics
 from .negotiation import (NEWEST_MINOR, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
                           unsupported_protocol)
 from .tls import TLSSession
@@ -78,6 +80,7 @@ _ALLOWED = {
 _READING_STARTUP = (State.NEGOTIATING, State.STARTUP)
 _LOGGING_IN = (State.AUTHENTICATING, State.CONNECTING)
 _ENDING = (State.CLOSING, State.CLOSED)
+_STATE_LABELS = {state: state.name.lower() for state in State}     # metrics.CLIENT_STATES
 
 
 def _where(exc: BaseException) -> str:
@@ -109,6 +112,9 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_pid: int | None = None
         self._reading_paused = False        # the client sent more than _PREAUTH_LIMIT ahead of its login
         self._input_ended = False           # it half-closed while logging in
+        self._handshake_started = 0.0
+        self._tls_version: str | None = None    # once its handshake is done
+        metrics.count("client_connections", _STATE_LABELS[self._state])
 
     # --- state -------------------------------------------------------------------------
 
@@ -119,6 +125,9 @@ class ClientConnection(asyncio.Protocol):
     def _set_state(self, new: State) -> None:
         if new not in _ALLOWED[self._state]:
             raise RuntimeError(f"client connection cannot go from {self._state.name} to {new.name}")
+        metrics.count("client_connections", _STATE_LABELS[self._state], n=-1)
+        if new is not State.CLOSED:
+            metrics.count("client_connections", _STATE_LABELS[new])
         self._state = new
         if new is State.CLOSING:
             self._release()
@@ -127,6 +136,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        metrics.count("client_connections_total", "unix" if self._local else "tcp")
         if not self._local:
             peer = transport.get_extra_info("peername")
             if peer is None:
@@ -180,6 +190,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self._state is State.CLOSED:
             return
+        if self._state is State.TLS_HANDSHAKE:
+            metrics.count("tls_handshake_failures_total", "closed")
         if self._state is not State.CLOSING:
             self._set_state(State.CLOSING)
         self._set_state(State.CLOSED)
@@ -221,6 +233,8 @@ class ClientConnection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
         self._frontend.client_closed(self)
+        if self._tls_version is not None:
+            metrics.count("tls_connections", self._tls_version, n=-1)
         if self._startup is not None:
             self._frontend.give_client()
         if self._cancel_pid is not None:
@@ -259,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
             self._disconnect()
         elif self._state in (State.NEGOTIATING, State.TLS_HANDSHAKE, State.STARTUP):
             # PostgreSQL's startup-packet timeout ends the connection without a word
+            if self._state is State.TLS_HANDSHAKE:
+                metrics.count("tls_handshake_failures_total", "timeout")
             self._disconnect()
 
     def _send(self, data: bytes) -> None:
@@ -313,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
         if self._inbuf.size():
             # bytes sent before the handshake were never encrypted: refusing them is
             # the only safe answer (they could be a man-in-the-middle's)
+            metrics.count("tls_handshake_failures_total", "unencrypted_data")
             raise Refused("08P01", "received unencrypted data after SSL request",
                           detail="This could be either a client-software bug or evidence of an attempted "
                                  "man-in-the-middle attack.")
@@ -340,6 +357,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_handshake(self, direct: bool) -> None:
         self._direct_tls = direct
+        self._handshake_started = time.monotonic()
         self._answered.add(SSLRequest)
         self._tls = self._frontend.tls.new_session()
         self._set_state(State.TLS_HANDSHAKE)
@@ -351,6 +369,7 @@ class ClientConnection(asyncio.Protocol):
             done = pump.handshake(data)
         except TLSError as exc:
             log.log(f"could not accept SSL connection: {exc}", detail=self._tls.verify_failure_detail())
+            metrics.count("tls_handshake_failures_total", handshake_failure_reason(str(exc)))
             self._disconnect()
             return
         # once TLS 1.3 is done only session tickets are left to send: the first reply
@@ -365,9 +384,16 @@ class ClientConnection(asyncio.Protocol):
     def _on_handshake_complete(self) -> None:
         self._set_state(State.STARTUP)
         if self._direct_tls and self._tls.alpn() is None:
+            metrics.count("tls_handshake_failures_total", "no_alpn")
             self.refuse(Refused("08P01", "received direct SSL connection request without ALPN protocol "
                                           "negotiation extension"))
             return
+        version = self._tls.version
+        if version in TLS_VERSIONS:
+            self._tls_version = version
+            metrics.count("tls_handshakes_total", version)
+            metrics.count("tls_connections", version)
+        metrics.observe("tls_handshake_seconds", time.monotonic() - self._handshake_started)
         # the client may have sent its startup packet right behind its Finished
         self.data_received(b"")
 
@@ -411,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             facts = await log_in(frontend, startup, info, self)
             mode = frontend.pool_mode_for(startup, facts)
+            waiting_since = time.monotonic()
             if mode == "transaction":
                 pool = frontend.tx_pools.pool_for(
                     pool_key(facts.session_rules, startup.params), startup.params,
@@ -420,6 +447,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 rules = facts.session_rules if mode == "session" else None
                 backend, leftover = await frontend.pool.acquire(startup.params, rules)
+                metrics.observe("pool_wait_seconds", time.monotonic() - waiting_since, mode)
         except Refused as refusal:
             self.refuse(refusal)
         except ClientGone:

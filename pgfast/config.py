@@ -303,6 +303,20 @@ def _workers(name: str, value: str) -> int:
     return _integer(1, MAX_WORKERS)(name, value)
 
 
+def _listen_address(name: str, value: str) -> tuple[str, int] | None:
+    """'host:port' ('[v6]:port'), or '' for off."""
+    value = value.strip()
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _BadValue(f'invalid value for parameter "{name}": "{value}"',
+                        "Use host:port, e.g. 127.0.0.1:9187, or '' to turn it off.")
+    return host, int(port)
+
+
 # pgfast's own settings, name -> (parser, default). PostgreSQL treats them as custom placeholders.
 PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.postgres_bin": (_string, None),  # None: pgfast finds postgres itself
@@ -325,6 +339,8 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.reserve_pool_timeout": (_integer(0, 86400, seconds=True), 5),
     "pgfast.min_pool_size": (_integer(0, 100000), 0),
     "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
+    # Prometheus /metrics (metrics.py); None: off
+    "pgfast.metrics_listen": (_listen_address, None),
 }
 # pgfast settings that ALTER ROLE / ALTER DATABASE ... SET may override for a role or database
 PER_ROLE_SETTINGS = ("pgfast.pool_mode", "pgfast.pool_size")

@@ -14,6 +14,7 @@ again. Before serving (start-up errors) and after it, messages are written direc
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -73,16 +74,22 @@ class _Writer(threading.Thread):
 _writer: _Writer | None = None
 
 
-def start_thread(thread: threading.Thread) -> None:
-    """Start a helper thread with every signal blocked in it: a process-directed signal
-    is delivered to any thread that does not block it, and the supervisor waits for its
-    signals with sigwaitinfo in the main thread (a SIGCHLD taken by a helper thread is
-    lost, and a dead postmaster goes unnoticed)."""
+@contextlib.contextmanager
+def signals_blocked():
+    """Threads started inside block every signal (they inherit the mask): a
+    process-directed signal is delivered to any thread that does not block it, and the
+    supervisor waits for its signals with sigwaitinfo in the main thread (a SIGCHLD taken
+    by a helper thread is lost, and a dead postmaster goes unnoticed)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        thread.start()
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_thread(thread: threading.Thread) -> None:
+    with signals_blocked():
+        thread.start()
 
 
 def start_background() -> None:

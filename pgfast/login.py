@@ -8,11 +8,14 @@ and its pgfast settings are one consistent answer, read for this login alone.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
 from .auth import PASSWORD_METHODS, ClientInfo, authenticate_password, authorize, check_peer
 from .catalog import CatalogError, LoginFacts, log_catalog_failure
+from .errors import AuthFailed
 from .hba import resolve_client_hostname
+from .metrics import AUTH_METHODS, metrics
 from .negotiation import StartupMessage
 
 
@@ -33,6 +36,25 @@ async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Cl
     walsender, which is never pooled, or when the catalogs could not say and pg_hba did
     not need them). Raises AuthFailed (refused) or CatalogError (the catalogs cannot
     say what authentication needs)."""
+    started = time.monotonic()
+    decided = _Decided()
+    try:
+        facts = await _log_in(frontend, startup, info, client, decided)
+    except AuthFailed:
+        metrics.count("authentications_total", decided.method, "failed")
+        raise
+    metrics.count("authentications_total", decided.method, "ok")
+    metrics.observe("authentication_seconds", time.monotonic() - started, decided.method)
+    return facts
+
+
+class _Decided:
+    """The pg_hba.conf method that decided, once a line matched."""
+    method = "none"
+
+
+async def _log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Client,
+                  decided: _Decided) -> LoginFacts | None:
     facts: LoginFacts | None = None
     if frontend.hba.needs_roles:
         facts = await frontend.catalog.login_facts(info.user, info.database, roles=True)
@@ -40,6 +62,7 @@ async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Cl
     if frontend.hba.needs_hostname and info.address is not None:
         hostname = await asyncio.get_running_loop().run_in_executor(None, resolve_client_hostname, info.address)
     line = authorize(frontend.hba, frontend.ident, info, facts.roles if facts else None, hostname)
+    decided.method = line.method if line.method in AUTH_METHODS else "none"
     # a walsender (replication=true or database) is never pooled: DISCARD ALL does not
     # end what it holds (temporary replication slots, streaming)
     if facts is None and (line.method in PASSWORD_METHODS or not startup.walsender):

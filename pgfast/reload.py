@@ -20,7 +20,7 @@ from .tls import load_server_tls
 
 # what pgfast reads at start only (PostgreSQL's PGC_POSTMASTER, and pgfast's own)
 _RESTART_FIELDS = ("listen_addresses", "port", "unix_socket_directories", "max_connections")
-_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user")
+_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen")
 
 
 def _emit(quiet: bool, message: str, **kw) -> None:

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback  # noqa: F401
 
-from . import accounts, config, initdb, listeners, log, pgbin, pidfile
+from . import accounts, config, initdb, listeners, log, metrics, pgbin, pidfile
 from ._shared import Shared
 from .auth import SUPPORTED_METHODS
 from .errors import StartupError
@@ -87,12 +87,17 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         remove_stale_socket_dirs()
         unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
         log.start_background()
+        shared = Shared()
+        metrics_listen = settings.pgfast["pgfast.metrics_listen"]
+        if metrics_listen is not None:
+            metrics.metrics.enable(workers)
+            metrics.serve(metrics_listen, shared)
         postmaster.start()
         lock.postmaster_pid = postmaster.process.pid
         lock.set_status(pidfile.STARTING)
         service = Service(settings, hba, ident, tls, postmaster.socket_dir, postmaster.socket_path,
                           postmaster.process.pid, settings.pgfast.get("pgfast.admin_user") or account.name,
-                          unix_sockets, Shared(), workers, list(overrides), known, account.uid, lock)
+                          unix_sockets, shared, workers, list(overrides), known, account.uid, lock)
         if workers == 1:
             status, mode = serve(service, 0, tcp_sockets[0], supervised=False)
         else:

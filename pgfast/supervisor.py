@@ -18,6 +18,7 @@ import socket
 import time
 
 from . import log, pidfile
+from .metrics import metrics
 from .reload import reload
 from .shutdown import SIGNALS, Mode
 from .worker import Service, prepare_forked_worker, serve
@@ -152,6 +153,7 @@ class Supervisor:
                 continue
             del self._workers[pid]
             self._service.shared.reclaim(index)
+            metrics.forget_gauges(index)
             if restart:
                 log.log(f"worker process {index} (PID {pid}) {_exit_description(status)}; starting it again")
                 _, ready = self._fork(index)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 
 from . import log
 from ._txrelay import TRACKED, TxRelay
 from .backend import BackendRefused
 from .errors import Refused
+from .metrics import metrics
 
 _TRACKED_LOWER = {name.lower(): name for name in TRACKED}
 GREETING_TIMEOUT = 5.0
@@ -121,6 +123,7 @@ class TransactionSession:
         self._state = TxState.IDLE
         self._backend = None
         self._writing_paused = False
+        self._since = 0.0           # when it asked for a backend, then when it got one
 
     def _set_state(self, new: TxState) -> None:
         if new not in _ALLOWED[self._state]:
@@ -134,6 +137,7 @@ class TransactionSession:
     # --- backends (called by the relay and the pool) -----------------------------------
 
     def need_backend(self) -> None:
+        self._since = time.monotonic()
         self._set_state(TxState.WAITING)
         backend = self._pools.lend(self._pool, self)
         if backend is not None:
@@ -144,6 +148,9 @@ class TransactionSession:
             self._pools.give_back(backend)
             return
         self._set_state(TxState.ACTIVE)
+        now = time.monotonic()
+        metrics.observe("pool_wait_seconds", now - self._since, "transaction")
+        self._since = now
         self._backend = backend
         self.relay.attach(backend)
         if self._writing_paused:
@@ -161,6 +168,7 @@ class TransactionSession:
         self._client.database_ddl_sent()
 
     def transaction_done(self) -> None:
+        metrics.observe("transaction_seconds", time.monotonic() - self._since)
         self._set_state(TxState.IDLE)
         backend, self._backend = self.relay.detach(), None
         self._pools.give_back(backend)

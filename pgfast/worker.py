@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import log, pidfile
+from .metrics import close_in_forked_worker, metrics
 from ._shared import BACKENDS, Shared
 from .catalog import Catalog
 from .config import Settings
@@ -118,6 +119,8 @@ def prepare_forked_worker(index: int, service: Service) -> None:
     if sys.platform.startswith("linux"):      # a supervisor killed outright: a fast shutdown
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, Mode.FAST.signal)
     service.shared.set_worker(index)
+    metrics.set_worker(index)
+    close_in_forked_worker()
 
 
 def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, supervised: bool,
