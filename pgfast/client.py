@@ -40,7 +40,7 @@ from .catalog import CatalogError, log_catalog_failure
 from .errors import ClientGone, Refused
 from .login import log_in
 from .metrics import TLS_VERSIONS, handshake_failure_reason, metrics
-from .negotiation import (NEWEST_MINOR, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
+from .negotiation import (NEWEST_MINOR, BadCancelRequest, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
                           unsupported_protocol)
 from .tls import TLSSession
 from .txpool import pool_key
@@ -298,6 +298,8 @@ class ClientConnection(asyncio.Protocol):
                 if packet is None:
                     return
                 self._on_request(packet[0], interpret(*packet))
+            except BadCancelRequest as exc:
+                self.end_silently(str(exc))
             except ProtocolViolation as exc:
                 self.refuse(Refused("08P01", str(exc)))
             except Refused as refusal:
@@ -338,7 +340,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_startup_message(self, startup: StartupMessage) -> None:
         if startup.needs_negotiation:
-            self._send(messages.negotiate_protocol_version(NEWEST_MINOR, startup.unrecognized_options))
+            # PostgreSQL's FrontendProtocol: the version asked for, or the newest it has
+            self._send(messages.negotiate_protocol_version(min(startup.minor, NEWEST_MINOR),
+                                                           startup.unrecognized_options))
         if self._frontend.refusal is not None:
             raise Refused(*self._frontend.refusal)
         if not self._frontend.take_client():
@@ -477,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
             self._timeout = None
         self._task = None
         self._backend = backend
-        key = self._frontend.cancel_keys.issue(backend.pid, self)
+        key = self._frontend.cancel_keys.issue(backend.pid, self, self._startup.cancel_key_length)
         self._cancel_pid = backend.pid
         notices, backend.notices = backend.notices, []
         self._set_state(State.RELAYING)
@@ -501,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
             self._timeout.cancel()
             self._timeout = None
         self._task = None
-        pid, key = self._frontend.cancel_keys.issue_virtual(self)
+        pid, key = self._frontend.cancel_keys.issue_virtual(self, self._startup.cancel_key_length)
         self._cancel_pid = pid
         self._set_state(State.RELAYING)
         self._send(b"".join([messages.AUTHENTICATION_OK,

@@ -40,9 +40,11 @@ def backend_key_data(pid: int, key: bytes) -> bytes:
     return message(b"K", struct.pack("!i", pid) + key)
 
 
-def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
+def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
+    """As PostgreSQL sends it: the whole version (3.minor) it will speak, though the
+    protocol documentation speaks of the minor version alone, and libpq reads it so."""
     names = b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in unrecognized)
-    return message(b"v", struct.pack("!ii", newest_minor, len(unrecognized)) + names)
+    return message(b"v", struct.pack("!ii", (3 << 16) | minor, len(unrecognized)) + names)
 
 
 def startup_message(params: list[tuple[str, str]]) -> bytes:

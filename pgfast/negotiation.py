@@ -14,7 +14,8 @@ from ._framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, S
 from .config import _BadValue, _boolean
 from .errors import Refused
 
-NEWEST_MINOR = 0      # protocol 3.0
+NEWEST_MINOR = 2      # protocol 3.2 (PostgreSQL 18): cancel keys of up to 256 bytes
+MAX_CANCEL_KEY_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class StartupMessage:
     walsender: bool                   # replication=true or database: never pooled
 
     @property
+    def cancel_key_length(self) -> int:
+        """The length of the cancel keys this client is given: PostgreSQL 18 gives 3.2
+        clients 32 random bytes, older ones the 4 bytes 3.0 has room for."""
+        return 32 if self.minor >= 2 else 4
+
+    @property
     def needs_negotiation(self) -> bool:
         """A newer minor version or _pq_ options are answered with NegotiateProtocolVersion."""
         return self.minor > NEWEST_MINOR or bool(self.unrecognized_options)
@@ -56,12 +63,20 @@ def interpret(code: int, body: bytes):
     if code == GSSENC_REQUEST_CODE:
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE:
-        if len(body) != 8:
-            raise Refused("08P01", "invalid length of cancel request packet")
+        # PostgreSQL 18: a key of any length up to 256 bytes (3.2), and nothing is ever
+        # said back to a cancel request, however wrong
+        if len(body) < 4:
+            raise BadCancelRequest("invalid length of cancel request packet")
+        if not 0 < len(body) - 4 <= MAX_CANCEL_KEY_LENGTH:
+            raise BadCancelRequest("invalid length of cancel key in cancel request packet")
         return CancelRequest(struct.unpack_from("!i", body)[0], body[4:])
     if code >> 16 == PROTOCOL_3_0 >> 16:
         return _startup_message(code & 0xFFFF, body)
     raise unsupported_protocol(code)
+
+
+class BadCancelRequest(Exception):
+    """A CancelRequest PostgreSQL logs (COMMERROR) and answers by closing."""
 
 
 def unsupported_protocol(code: int) -> Refused:

@@ -81,7 +81,7 @@ VALID_STARTUP = startup_packet({"user": "postgres", "database": "postgres", "app
 # for what a hostile client can cause.
 PGFAST_FATALS = [re.compile(p) for p in (
     r"invalid length of startup packet",
-    r"unsupported frontend protocol \d+\.\d+: server supports 3\.0 to 3\.0",
+    r"unsupported frontend protocol \d+\.\d+: server supports 3\.0 to 3\.2",
     r"received unencrypted data after SSL request",
     r"invalid startup packet layout: expected terminator as last byte",
     r"no PostgreSQL user name specified in startup packet",
@@ -612,7 +612,7 @@ def test_startup_packets_of_edge_lengths_and_truncated(server):
     cases = [
         Case("length 8, protocol 3.0, no body", [struct.pack("!II", 8, 196608)], expect=layout),
         Case("length 8, protocol 2.x", [struct.pack("!II", 8, 2 << 16 | minor)],
-             expect=f"unsupported frontend protocol 2.{minor}: server supports 3.0 to 3.0"),
+             expect=f"unsupported frontend protocol 2.{minor}: server supports 3.0 to 3.2"),
         Case("length 10004, a valid packet", [longest], expect="session"),
         Case("length 10004, a valid packet in 3 writes", [longest[:3], longest[3:5000], longest[5000:]], gap=0.05,
              expect="session"),
@@ -755,7 +755,7 @@ def test_ssl_request_with_plaintext_in_the_same_write(server):
 
 
 def test_gssenc_request_twice(server):
-    refused = "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0"
+    refused = "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.2"
     cases = [Case("GSSENCRequest twice in one write", [GSSENC_REQUEST * 2]),
              Case("GSSENCRequest twice in two writes", [GSSENC_REQUEST, GSSENC_REQUEST], gap=0.05),
              Case("GSSENCRequest twice, then a StartupMessage", [GSSENC_REQUEST * 2 + VALID_STARTUP]),
@@ -767,18 +767,24 @@ def test_gssenc_request_twice(server):
 
 
 def test_cancel_requests_of_the_wrong_length(server):
-    """Wrong lengths are refused (PostgreSQL 18's wording: 15 takes any length, 17 says
-    "invalid length of startup packet"); the right length with a random key ends silently."""
+    """As PostgreSQL 18 (protocol 3.2: keys of 1 to 256 bytes): nothing is ever said back to
+    a CancelRequest. Too short for a process ID, or a key of 0 or over 256 bytes, is logged
+    ("invalid length of cancel request packet", "... of cancel key ...") and closed; any
+    other length is a cancel whose random key matches nothing."""
     rng = rng_for("cancel")
     cases = [Case(f"CancelRequest of length {length}", [struct.pack("!II", length, CANCEL_CODE) + rng.randbytes(length - 8)],
-                  expect="invalid length of cancel request packet") for length in [8, 9, 12, 15, 17, 20, 64, 10004]]
+                  expect="silent") for length in [8, 9, 12, 13, 15, 17, 20, 64, 268, 269, 10004]]
     cases += [Case("CancelRequest, random key", [struct.pack("!II", 16, CANCEL_CODE) + rng.randbytes(8)],
                    expect="silent") for _ in range(6)]
     cases.append(Case("CancelRequest, half, then FIN", [struct.pack("!II", 16, CANCEL_CODE)], "shut", expect="silent"))
     cases.append(Case("CancelRequest, then more", [struct.pack("!II", 16, CANCEL_CODE) + rng.randbytes(8) + VALID_STARTUP],
                       expect="silent"))
+    mark = len(server.log)
     run_batch(cases, lambda c: run_case(server.port, c))
     assert_serving(server)
+    log = server.log[mark:]
+    assert "LOG:  invalid length of cancel request packet" in log, log
+    assert "LOG:  invalid length of cancel key in cancel request packet" in log, log
 
 
 # ---------------------------------------------------------------- RST at random points
@@ -1124,7 +1130,7 @@ def test_tls_second_ssl_request(server, tls_context, direct_context):
     outcome = _read_until_closed(client.sock, time.monotonic(), 5)
     client.close()
     assert _errors(parse_messages(outcome.received)[0]) == [
-        ("0A000", "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0")], outcome
+        ("0A000", "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.2")], outcome
     for how in ("alone", "with the StartupMessage", "twice"):
         sock = direct_context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
                                           server_hostname="localhost")
@@ -1783,7 +1789,7 @@ def test_gssenc_request_inside_tls(defect_server, tls_context):
     outcome = _read_until_closed(client.sock, time.monotonic(), 1)
     client.close()
     assert _errors(parse_messages(outcome.received)[0]) == [
-        ("0A000", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0")], outcome
+        ("0A000", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.2")], outcome
 
 
 def test_non_utf8_user_name_under_password_authentication(defect_server):

@@ -13,8 +13,11 @@ import socket
 import ssl
 import struct
 import tempfile
+import threading
 import time
 
+import psycopg
+import psycopg.errors
 import pytest
 
 import certs
@@ -123,6 +126,7 @@ class Client:
         self.sock = sock
         self.buf = bytearray()
         self.backend_key: tuple[int, int] | None = None
+        self.cancel_key = b""
         self.negotiate: bytes | None = None
 
     @classmethod
@@ -181,7 +185,8 @@ class Client:
             msg_type, payload = self.message()
             messages.append((msg_type, payload))
             if msg_type == b"K":
-                self.backend_key = struct.unpack("!iI", payload)
+                self.backend_key = struct.unpack_from("!iI", payload)
+                self.cancel_key = payload[4:]       # 4 bytes for 3.0 and 3.1, 32 for 3.2
             elif msg_type == b"v":
                 self.negotiate = payload
             elif msg_type == b"E":
@@ -308,7 +313,7 @@ def test_second_gssenc_request_is_an_unsupported_protocol(server):
     assert client.read(1) == b"N"
     client.send(GSSENC_REQUEST)
     fields = client.expect_fatal()
-    assert (fields["C"], fields["M"]) == ("0A000", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0")
+    assert (fields["C"], fields["M"]) == ("0A000", "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.2")
     client.close()
 
 
@@ -318,7 +323,7 @@ def test_second_ssl_request_after_n_is_an_unsupported_protocol(server):
     assert client.read(1) == b"N"
     client.send(SSL_REQUEST)
     fields = client.expect_fatal()
-    assert (fields["C"], fields["M"]) == ("0A000", "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0")
+    assert (fields["C"], fields["M"]) == ("0A000", "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.2")
     client.close()
 
 
@@ -413,7 +418,7 @@ def test_startup_packet_split_into_single_bytes(server):
 @pytest.mark.parametrize("major,minor", [(2, 0), (4, 0), (1234, 5681), (0, 0)])
 def test_unsupported_protocol(server, major, minor):
     fields, mark = fatal(server, startup_packet({"user": "postgres"}, major=major, minor=minor))
-    text = f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+    text = f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2"
     assert (fields["C"], fields["M"]) == ("0A000", text)
     wait_log(server, mark, f"FATAL:  {text}")
 
@@ -421,8 +426,8 @@ def test_unsupported_protocol(server, major, minor):
 def test_protocol_3_1_and_pq_options_are_negotiated(server):
     client = Client.tcp(server)
     client.startup(packet=startup_packet([("user", "postgres"), ("_pq_.foo", "bar")], minor=1))
-    newest_minor, count = struct.unpack_from("!ii", client.negotiate)
-    assert (newest_minor, count) == (0, 1)
+    version, count = struct.unpack_from("!ii", client.negotiate)
+    assert (version, count) == (3 << 16 | 1, 1)     # PostgreSQL 18: the version asked for
     assert client.negotiate[8:] == b"_pq_.foo\0"
     assert client.query("select 7") == [("7",)]
     client.close()
@@ -431,15 +436,30 @@ def test_protocol_3_1_and_pq_options_are_negotiated(server):
 def test_pq_option_alone_with_protocol_3_0(server):
     client = Client.tcp(server)
     client.startup(packet=startup_packet([("_pq_.a", "1"), ("user", "postgres"), ("_pq_.b", "2")]))
-    assert client.negotiate == struct.pack("!ii", 0, 2) + b"_pq_.a\0_pq_.b\0"
+    assert client.negotiate == struct.pack("!ii", 3 << 16, 2) + b"_pq_.a\0_pq_.b\0"
     assert client.query("select 8") == [("8",)]
     client.close()
 
 
-def test_protocol_3_1_without_options(server):
+@pytest.mark.parametrize("minor", [1, 2])
+def test_protocol_3_1_and_3_2_without_options_need_no_negotiation(server, minor):
     client = Client.tcp(server)
-    client.startup(packet=startup_packet({"user": "postgres"}, minor=1))
-    assert client.negotiate == struct.pack("!ii", 0, 0)
+    client.startup(packet=startup_packet({"user": "postgres"}, minor=minor))
+    assert client.negotiate is None
+    assert len(client.cancel_key) == (32 if minor == 2 else 4)    # as PostgreSQL 18 gives them
+    assert client.query("select 9") == [("9",)]
+    client.close()
+
+
+def test_greased_version_and_options_are_negotiated_to_3_2(server):
+    """What PostgreSQL 19's libpq sends to test servers: a version of 3.9990-3.9999 and
+    made-up _pq_ options. The answer: 3.2 and the options' names, and the session goes on."""
+    client = Client.tcp(server)
+    client.startup(packet=startup_packet([("user", "postgres"), ("_pq_.grease_1", "x"),
+                                          ("_pq_.test_protocol_negotiation", "")], minor=9999))
+    assert client.negotiate == struct.pack("!ii", 3 << 16 | 2, 2) + b"_pq_.grease_1\0_pq_.test_protocol_negotiation\0"
+    assert len(client.cancel_key) == 32
+    assert client.query("select 10") == [("10",)]
     client.close()
 
 
@@ -649,6 +669,45 @@ def test_cancel_request_of_the_wrong_length(server, tls_context, length):
     assert send_cancel(server, tls_context, cancel_packet(pid, key), use_tls=False) == b""
     expect_cancelled(client)
     client.close()
+
+
+def test_protocol_3_2_cancel_keys_are_32_bytes(server, tls_context):
+    """A 3.2 session's key is 32 random bytes; a CancelRequest must carry all of them:
+    a wrong one (of the same length, or the right one cut to 4 bytes) does nothing."""
+    client = Client.tcp(server, timeout=10)
+    client.ssl_request(tls_context)
+    client.startup(packet=startup_packet({"user": "postgres", "database": "postgres"}, minor=2))
+    pid, key = client.backend_key[0], client.cancel_key
+    assert len(key) == 32
+    client.send(query_message("select pg_sleep(30)"))
+    wait_until_sleeping(server, tls_context, pid)
+    wrong = bytes(b ^ 0xFF for b in key)
+    mark = log_mark(server)
+    for bad in (wrong, key[:4]):
+        packet = struct.pack("!II", 12 + len(bad), CANCEL_CODE) + struct.pack("!i", pid) + bad
+        assert send_cancel(server, tls_context, packet, use_tls=False) == b""
+    wait_log(server, mark, f"LOG:  wrong key in cancel request for process {pid}")
+    assert still_running(client, 0.5)
+    packet = struct.pack("!II", 12 + len(key), CANCEL_CODE) + struct.pack("!i", pid) + key
+    assert send_cancel(server, tls_context, packet, use_tls=True) == b""
+    expect_cancelled(client)
+    client.close()
+
+
+def test_libpq_18_speaks_3_2_and_cancels(server):
+    """psycopg's own libpq (18 on current wheels) asked for protocol 3.2."""
+    if psycopg.pq.version() < 180000:
+        pytest.skip(f"psycopg's libpq is {psycopg.pq.version()}, before 3.2")
+    with psycopg.connect(host="127.0.0.1", port=server.port, user="postgres", dbname="postgres",
+                         sslmode="require", max_protocol_version="3.2", autocommit=True) as conn:
+        assert conn.pgconn.full_protocol_version == 30002
+        assert conn.execute("select 1").fetchone() == (1,)
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(30)")
+        timer.join()
+        assert conn.execute("select 2").fetchone() == (2,)
 
 
 def _private_postgres_socket(server: Pgfast) -> str:
