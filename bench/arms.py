@@ -15,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 from . import procs
 from .cluster import BenchError, Cluster, free_port
@@ -32,19 +34,24 @@ def _workers_label(n: int) -> str:
     return f"{n} worker{'s' if n != 1 else ''}"
 
 
-ARM_NAMES = ("stock", "pgfast", "pgfast-w1", "pgfast-tx", "pgbouncer-session", "pgbouncer-transaction")
-PGFAST_ARMS = ("pgfast", "pgfast-w1", "pgfast-tx")
+ARM_NAMES = ("stock", "pgfast", "pgfast-w1", "pgfast-tx", "pgfast-metrics", "pgbouncer-session",
+             "pgbouncer-transaction")
+PGFAST_ARMS = ("pgfast", "pgfast-w1", "pgfast-tx", "pgfast-metrics")
+METRICS_SCRAPE_INTERVAL = 1.0       # seconds; Prometheus scrapes every 15-60 s, so this is the worst case
 # each pgfast arm's own settings, before any --pgfast-setting (which every pgfast arm gets)
 PGFAST_ARM_SETTINGS = {
     "pgfast": [],
     "pgfast-w1": ["pgfast.workers=1"],
     "pgfast-tx": ["pgfast.pool_mode=transaction", "pgfast.pool_size=20", "pgfast.max_client_conn=1000"],
+    "pgfast-metrics": [],      # + pgfast.metrics_listen on a free port, scraped while it runs
 }
 LABELS = {
     "stock": "stock PostgreSQL TLS",
     "pgfast": f"pgfast ({_workers_label(default_workers())})",
     "pgfast-w1": "pgfast, 1 worker",
     "pgfast-tx": "pgfast transaction pooling",
+    "pgfast-metrics": f"pgfast ({_workers_label(default_workers())}), metrics scraped every "
+                      f"{METRICS_SCRAPE_INTERVAL:g} s",
     "pgbouncer-session": "PgBouncer TLS session",
     "pgbouncer-transaction": "PgBouncer TLS transaction",
 }
@@ -156,6 +163,12 @@ class PgfastArm(Arm):
         super().__init__(cluster)
         self.name = name
         self.arm_settings = list(PGFAST_ARM_SETTINGS[name])
+        self.metrics_port = free_port() if name == "pgfast-metrics" else None
+        if self.metrics_port is not None:
+            self.arm_settings.append(f"pgfast.metrics_listen=127.0.0.1:{self.metrics_port}")
+        self._scraper: threading.Thread | None = None
+        self._scraping = threading.Event()
+        self.scrapes = 0
         self.settings = self.arm_settings + list(settings)       # --pgfast-setting last: it wins
         self.port = free_port()
         self.server: procs.Server | None = None
@@ -224,8 +237,30 @@ class PgfastArm(Arm):
         if len(self.workers_seen) != self.expected_workers():
             raise BenchError(f"{self.name}: expected {self.expected_workers()} worker processes under pgfast "
                              f"(pid {self.server.pid}), found {len(self.workers_seen)}: {self.workers_seen}")
+        if self.metrics_port is not None:
+            self._scraping.set()
+            self._scraper = threading.Thread(target=self._scrape, daemon=True)
+            self._scraper.start()
+
+    def _scrape(self) -> None:
+        """Scrape /metrics as Prometheus would, all the time the arm runs (its cost is measured
+        with the rest; a failed scrape is an error of the run)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        while self._scraping.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if b"pgfast_client_connections_total" not in response.read():
+                        raise BenchError(f"{self.name}: /metrics without pgfast's metrics")
+                self.scrapes += 1
+            except OSError as exc:
+                print(f"bench: {self.name}: scraping {url} failed: {exc}", flush=True)
+            time.sleep(METRICS_SCRAPE_INTERVAL)
 
     def stop(self) -> None:
+        if self._scraper is not None:
+            self._scraping.clear()
+            self._scraper.join(10)
+            self._scraper = None
         if self.server is not None:
             status = self.server.stop(timeout=60)
             if status not in (0, None):

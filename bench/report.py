@@ -269,6 +269,8 @@ class Results:
         ("f", "pgfast-tx", "pgbouncer-transaction", "front_cpu_per_unit", "le", 0.7, "front CPU per transaction"),
         ("g", "pgfast-tx", "pgbouncer-transaction", "value", "ge", 1.3, "throughput"),
         ("g", "pgfast-tx", "pgbouncer-transaction", "front_cpu_per_unit", "le", 0.7, "front CPU per transaction"),
+        ("b", "pgfast-metrics", "pgfast", "value", "ge", 0.97, "select-only throughput (metrics cost ≤ 3 %)"),
+        ("a", "pgfast-metrics", "pgfast", "value", "ge", 0.97, "connections/s (metrics cost ≤ 3 %)"),
         ("a", "pgfast", "pgbouncer-session", "value", "ge", 1.2, "connections/s"),
         ("a", "pgfast", "pgbouncer-transaction", "value", "ge", 1.2, "connections/s"),
         ("a", "pgfast", "pgbouncer-session", "front_cpu_per_unit", "le", 0.5, "front CPU per connection"),

@@ -40,7 +40,7 @@ _REQUIRED = (
     "SSL_CTX_use_certificate_chain_file", "SSL_CTX_use_PrivateKey_file", "SSL_CTX_set_default_passwd_cb",
     "SSL_CTX_check_private_key", "SSL_CTX_set_min_proto_version", "SSL_CTX_set_max_proto_version",
     "BIO_new_mem_buf", "BIO_free", "PEM_read_bio_DHparams", "SSL_CTX_set_tmp_dh", "DH_free",
-    "SSL_CTX_set1_curves_list", "SSL_CTX_load_verify_locations", "SSL_load_client_CA_file",
+    "SSL_CTX_set1_curves_list", "SSL_CTX_set_ciphersuites", "SSL_CTX_load_verify_locations", "SSL_load_client_CA_file",
     "SSL_CTX_set_client_CA_list", "SSL_CTX_set_verify", "SSL_CTX_get_cert_store", "X509_STORE_load_locations",
     "X509_STORE_set_flags", "SSL_CTX_set_alpn_select_cb",
     # callbacks and questions about a connection's certificates
@@ -175,6 +175,13 @@ def set_dh_parameters(ctx: SSL.Context, pem: bytes) -> str | None:
 def set_groups(ctx: SSL.Context, groups: str) -> bool:
     # SSL_CTX_set1_groups_list is a macro for the same call in OpenSSL 3
     if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+        _lib.ERR_clear_error()
+        return False
+    return True
+
+
+def set_tls13_ciphersuites(ctx: SSL.Context, suites: str) -> bool:
+    if _lib.SSL_CTX_set_ciphersuites(ctx._context, suites.encode()) != 1:
         _lib.ERR_clear_error()
         return False
     return True

@@ -225,6 +225,12 @@ class BackendConnection(asyncio.Protocol):
         self.cancels.add(task)
         task.add_done_callback(self._on_cancel_sent)
 
+    async def cancels_delivered(self) -> None:
+        """Until every cancel forwarded for it has reached PostgreSQL (the set may empty
+        itself, or grow, while this waits)."""
+        while self.cancels:
+            await asyncio.wait(set(self.cancels))
+
     def _on_cancel_sent(self, task: asyncio.Task) -> None:
         self.cancels.discard(task)
         if not task.cancelled() and task.exception() is not None:

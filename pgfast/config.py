@@ -46,7 +46,8 @@ class Settings:
     ssl_ciphers: str                        # 'HIGH:MEDIUM:+3DES:!aNULL'
     ssl_min_protocol_version: str           # 'TLSv1.2'
     ssl_max_protocol_version: str           # '' means no maximum
-    ssl_ecdh_curve: str | None              # None when not set anywhere (pgfast then picks its default)
+    ssl_ecdh_curve: str | None              # ssl_groups in PostgreSQL 18; None when not set anywhere
+                                            # (pgfast then picks PostgreSQL 18's default)
     ssl_prefer_server_ciphers: bool         # True
     ssl_passphrase_command: str             # ''
     ssl_passphrase_command_supports_reload: bool
@@ -58,6 +59,10 @@ class Settings:
     # (max_connections, authentication_timeout, ...) must mean the same on both
     postgres_overrides: tuple[tuple[str, str], ...] = ()
     raw: dict[str, str] = field(default_factory=dict)  # every setting seen (last wins), for diagnostics
+    ssl_tls13_ciphers: str = ""             # PostgreSQL 18; '' leaves OpenSSL's TLS 1.3 suites
+    # the PostgreSQL behind has 18's TLS settings (ssl_groups, ssl_tls13_ciphers), so pgfast
+    # speaks of them in 18's words ("TLSv1.2 cipher list", "ssl_groups")
+    tls_settings_18: bool = False
 
 
 class _BadValue(Exception):
@@ -285,6 +290,8 @@ _HONOURED: dict[str, _Parser] = {
     "ssl_min_protocol_version": _enum(*_TLS_VERSIONS),
     "ssl_max_protocol_version": _enum("", *_TLS_VERSIONS),
     "ssl_ecdh_curve": _string,
+    "ssl_groups": _string,                  # PostgreSQL 18
+    "ssl_tls13_ciphers": _string,           # PostgreSQL 18
     "ssl_prefer_server_ciphers": _boolean,
     "ssl_passphrase_command": _string,
     "ssl_passphrase_command_supports_reload": _boolean,
@@ -588,11 +595,16 @@ _CUSTOM_PART = r"(?:[A-Za-z_]|[^\x00-\x7f])(?:[A-Za-z_0-9$]|[^\x00-\x7f])*"
 _CUSTOM_NAME = re.compile(rf"{_CUSTOM_PART}(?:\.{_CUSTOM_PART})+")
 
 
+# PostgreSQL 18's map_old_guc_names for a setting pgfast reads: either name sets it, and
+# the later line wins (PostgreSQL 15 knows only ssl_ecdh_curve)
+_RENAMED = {"ssl_ecdh_curve": "ssl_groups"}
+
+
 def _check_name(item: _Item, known: Mapping[str, str] | None) -> None:
     """find_option: dotted names are custom placeholders, except pgfast's own prefix."""
     name = _lower(item.name)
     if "." not in name:
-        if known is None or name in known or name in _UNDESCRIBED:
+        if known is None or name in known or name in _UNDESCRIBED or _RENAMED.get(name) in known:
             return
     elif name in PGFAST_SETTINGS:
         return
@@ -615,7 +627,7 @@ def _typed(items: Iterable[_Item]) -> dict[str, object]:
         if parse is None:
             continue
         try:
-            values[name] = parse(item.name, item.value)
+            values[_RENAMED.get(name, name)] = parse(item.name, item.value)
         except _BadValue as e:
             raise ConfigError(e.message + _where(item), hint=e.hint) from None
     return values
@@ -682,7 +694,9 @@ def _settings(data_dir: str, typed: dict[str, object], known: Mapping[str, str] 
         ssl_ciphers=typed.get("ssl_ciphers", "HIGH:MEDIUM:+3DES:!aNULL"),
         ssl_min_protocol_version=typed.get("ssl_min_protocol_version", "TLSv1.2"),
         ssl_max_protocol_version=typed.get("ssl_max_protocol_version", ""),
-        ssl_ecdh_curve=typed.get("ssl_ecdh_curve"),
+        ssl_ecdh_curve=typed.get("ssl_groups"),
+        ssl_tls13_ciphers=typed.get("ssl_tls13_ciphers", ""),
+        tls_settings_18=known is not None and "ssl_groups" in known,
         ssl_prefer_server_ciphers=typed.get("ssl_prefer_server_ciphers", True),
         ssl_passphrase_command=typed.get("ssl_passphrase_command", ""),
         ssl_passphrase_command_supports_reload=typed.get("ssl_passphrase_command_supports_reload",

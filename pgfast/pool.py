@@ -152,8 +152,7 @@ class Pool:
         self._spawn(self._reset_and_park(backend))
 
     async def _reset_and_park(self, backend: BackendConnection) -> None:
-        if backend.cancels:
-            await asyncio.wait(set(backend.cancels))
+        await backend.cancels_delivered()
         if backend.closed:
             return
         try:

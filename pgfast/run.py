@@ -39,12 +39,13 @@ def _load_settings(data_dir: str, overrides: list[tuple[str, str]]) -> tuple[con
     return config.load(data_dir, overrides, known=known), bindir, known
 
 
-def _initialise_if_needed(data_dir: str, user: str | None) -> dict | None:
+def _initialise_if_needed(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> dict | None:
     if not initdb.is_empty_or_missing(data_dir):
         return None
     log.log(f'data directory "{data_dir}" is missing or empty; initialising it')
     account = accounts.database_account(data_dir, user)
-    return initdb.initialise(data_dir, pgbin.find_bindir(), account)
+    configured = next((value for name, value in reversed(overrides) if name == "pgfast.postgres_bin"), None)
+    return initdb.initialise(data_dir, pgbin.announce(configured), account)
 
 
 def _check_not_running(data_dir: str) -> None:
@@ -57,7 +58,7 @@ def _check_not_running(data_dir: str) -> None:
 
 
 def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
-    initialised = _initialise_if_needed(data_dir, user)
+    initialised = _initialise_if_needed(data_dir, overrides, user)
     if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
         raise StartupError(f'"{data_dir}" is not a valid data directory',
                            detail='File "PG_VERSION" is missing.')
@@ -87,6 +88,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         remove_stale_socket_dirs()
         unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
         log.start_background()
+        pgbin.announce(settings.pgfast.get("pgfast.postgres_bin"))
         shared = Shared()
         metrics_listen = settings.pgfast["pgfast.metrics_listen"]
         if metrics_listen is not None:

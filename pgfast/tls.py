@@ -133,9 +133,14 @@ def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool, reloa
         raise TLSSetupError(problem)
     curves = settings.ssl_ecdh_curve or DEFAULT_CURVES
     if not _openssl.set_groups(ctx, curves):
-        # PostgreSQL 15's wording for ssl_ecdh_curve (18 reports the same under ssl_groups)
+        if settings.tls_settings_18:
+            raise TLSSetupError("could not set group names specified in ssl_groups: No valid groups found",
+                                hint="Ensure that each group name is spelled correctly and supported by the "
+                                     "installed version of OpenSSL.")
         raise TLSSetupError(f"ECDH: unrecognized curve name: {curves}")
-    _set_ciphers(ctx, settings.ssl_ciphers, settings.ssl_prefer_server_ciphers)
+    _set_ciphers(ctx, settings.ssl_ciphers, settings.ssl_prefer_server_ciphers, settings.tls_settings_18)
+    if settings.ssl_tls13_ciphers and not _openssl.set_tls13_ciphersuites(ctx, settings.ssl_tls13_ciphers):
+        raise TLSSetupError("could not set the TLSv1.3 cipher suites (no valid ciphers available)")
     if settings.ssl_ca_file:
         _request_client_certificates(ctx, settings.ssl_ca_file, shown(settings.ssl_ca_file))
     if settings.ssl_crl_file or settings.ssl_crl_dir:
@@ -272,11 +277,12 @@ def _disable_resumption_compression_renegotiation(ctx: SSL.Context) -> None:
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
 
 
-def _set_ciphers(ctx: SSL.Context, ciphers: str, prefer_server_ciphers: bool) -> None:
+def _set_ciphers(ctx: SSL.Context, ciphers: str, prefer_server_ciphers: bool, wording_18: bool) -> None:
     try:
         ctx.set_cipher_list(ciphers.encode())
     except SSL.Error:
-        raise TLSSetupError("could not set the cipher list (no valid ciphers available)") from None
+        which = "TLSv1.2 cipher list" if wording_18 else "cipher list"
+        raise TLSSetupError(f"could not set the {which} (no valid ciphers available)") from None
     if prefer_server_ciphers:
         ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
 

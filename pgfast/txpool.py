@@ -80,7 +80,7 @@ class _Pool:
 class TransactionPools:
     def __init__(self, socket_path: str, *, size: int, reserve_size: int, reserve_timeout: float, min_size: int,
                  idle_timeout: float, lifetime: float, query_wait_timeout: float, reset_query: str,
-                 backend_limit, shared, balance: bool = False):
+                 backend_limit, shared, workers: int = 1):
         self._socket_path = socket_path
         self._size = size
         self._reserve_size = reserve_size
@@ -92,7 +92,8 @@ class TransactionPools:
         self._reset_query = reset_query
         self._backend_limit = backend_limit       # () -> how many more backends PostgreSQL may take
         self._shared = shared                     # _shared.Shared: the limits hold across workers
-        self._balance = balance                   # other workers exist, with pools of their own
+        self._workers = workers
+        self._balance = workers > 1               # other workers exist, with pools of their own
         self._balancer: asyncio.TimerHandle | None = None
         self._pools: dict[tuple, _Pool] = {}
         self._backends: set[BackendConnection] = set()
@@ -174,6 +175,14 @@ class TransactionPools:
         if self._balancer is None and not self._closing:
             self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance)
 
+    def _owes_a_backend(self, pool: _Pool, holding: int) -> bool:
+        """Holding this many of the pool's backends, this worker would hold more than its
+        share of the pool's size while another worker's clients wait for one: it neither
+        keeps nor opens one then (else its own busy clients, served first, could starve
+        the other worker's for ever)."""
+        return (self._balance and holding > -(-pool.size // self._workers)
+                and self._shared.waiting_elsewhere(pool.shared_key) > 0)
+
     def _rebalance(self) -> None:
         """Pools are per worker, their limits global: a worker whose clients wait for a
         full pool tries again to open a backend, and one with idle backends of that pool
@@ -209,6 +218,7 @@ class TransactionPools:
         if pool.waiters and self._reserve_size and time.monotonic() - pool.waiters[0].since >= self._reserve_timeout:
             limit += self._reserve_size
         while (pool.opening < len(pool.waiters) and self._backend_limit() > 0
+               and not self._owes_a_backend(pool, pool.count + 1)
                and self._shared.pool_take(pool.shared_key, limit)):
             self._open(pool)
         if pool.waiters and pool.count >= limit and self._reserve_size and pool.reserve_timer is None:
@@ -290,6 +300,12 @@ class TransactionPools:
         if self._closing or not self._usable(backend):
             backend.close()
             return
+        if self._owes_a_backend(pool, pool.count):
+            # this worker's own clients would keep every backend busy for ever while
+            # another worker's wait (their logins time out): one goes back to PostgreSQL,
+            # and the other worker opens it
+            backend.close()
+            return
         while pool.waiters:
             waiter = pool.waiters.popleft()
             waiter.timer.cancel()
@@ -314,7 +330,7 @@ class TransactionPools:
             self._hand_out(backend)
 
     async def _after_cancels(self, backend: BackendConnection) -> None:
-        await asyncio.wait(set(backend.cancels))
+        await backend.cancels_delivered()
         self._hand_out(backend)
 
     def end_session(self, backend: BackendConnection, clean: bool, pinned: bool) -> None:
@@ -329,8 +345,7 @@ class TransactionPools:
             self.give_back(backend)
 
     async def _reset(self, backend: BackendConnection) -> None:
-        if backend.cancels:
-            await asyncio.wait(set(backend.cancels))
+        await backend.cancels_delivered()
         try:
             await backend.reset(self._reset_query, RESET_TIMEOUT)
         except Exception as exc:

