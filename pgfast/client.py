@@ -33,15 +33,15 @@ from . import log, messages
 from ._framing import ProtocolViolation, ReadBuffer
 from ._pump import TLSError
 from ._relay import Relay
-from .auth import MAX_AUTH_TOKEN_LENGTH, AuthFailed, ClientInfo
+from .auth import MAX_AUTH_TOKEN_LENGTH, ClientInfo
 from ._txrelay import TxRelay
 from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
 from .errors import ClientGone, Refused
 from .login import log_in
 from .metrics import TLS_VERSIONS, handshake_failure_reason, metrics
-from .negotiation import (NEWEST_MINOR, BadCancelRequest, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, interpret,
-                          unsupported_protocol)
+from .negotiation import (NEWEST_MINOR, BadCancelRequest, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage,
+                          interpret, unsupported_protocol)
 from .tls import TLSSession
 from .txpool import pool_key
 from .txsession import TransactionSession, greet

@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+import certs
+
 from pgfast.pgbin import locate
 
 READY = "LOG:  database system is ready to accept connections"
@@ -185,6 +187,25 @@ def cluster(template_cluster, scratch) -> str:
     os.chmod(data, 0o700)
     chown_tree(data)
     return data
+
+
+def tls_server(template_cluster: str, parent: str, prefix: str, ca, hba: str, conf: str, env: dict) -> "Pgfast":
+    """A copy of the template with a certificate from ca, this pg_hba.conf and these
+    postgresql.conf lines (ssl = on first), and a Pgfast for it (not started)."""
+    base = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(base, 0o755)
+    data = os.path.join(base, "data")
+    shutil.copytree(template_cluster, data, symlinks=True)
+    os.chmod(data, 0o700)
+    issued = ca.server_cert()
+    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
+    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
+    write_file(os.path.join(data, "pg_hba.conf"), hba)
+    append_conf(data, "ssl = on\n" + conf)
+    chown_tree(data)
+    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
+    os.chmod(socket_dir, 0o777)
+    return Pgfast(data, free_port(), socket_dir, [], dict(env))
 
 
 def write_file(path: str, text: str, mode: int = 0o600) -> str:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import ssl
-import tempfile
 import time
 
 import pytest
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, psql_script, write_file
+from conftest import psql_script, tls_server
 from rawclient import RawClient, ServerError
 
 ATTACKERS = 100
@@ -38,20 +36,8 @@ def ca() -> certs.CA:
 
 @pytest.fixture(scope="module", params=["session", "none"])
 def server(request, template_cluster, module_dir, bindir, module_env, ca):
-    base = tempfile.mkdtemp(prefix=f"race-{request.param}-", dir=module_dir)
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    shutil.copytree(template_cluster, data, symlinks=True)
-    os.chmod(data, 0o700)
-    issued = ca.server_cert()
-    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
-    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
-    write_file(os.path.join(data, "pg_hba.conf"), HBA)
-    append_conf(data, f"ssl = on\npgfast.pool_mode = {request.param}\nmax_connections = 300")
-    chown_tree(data)
-    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
-    os.chmod(socket_dir, 0o777)
-    pgfast = Pgfast(data, free_port(), socket_dir, [], dict(module_env)).start()
+    pgfast = tls_server(template_cluster, module_dir, f"race-{request.param}-", ca, HBA,
+                        f"pgfast.pool_mode = {request.param}\nmax_connections = 300", module_env).start()
     roles = "".join(f"CREATE ROLE attacker{i} LOGIN PASSWORD '{ATTACKER_PASSWORD}';\n" for i in range(ATTACKERS))
     roles += "".join(f"CREATE ROLE victim{i} LOGIN PASSWORD 'secret-{os.urandom(8).hex()}';\n"
                      for i in range(VICTIMS))

@@ -6,11 +6,9 @@ counted under their reasons."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -20,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, run_pgfast, write_file
+from conftest import Pgfast, append_conf, free_port, run_pgfast, tls_server
 
 HBA = """\
 local all all trust
@@ -53,24 +51,12 @@ def ca() -> certs.CA:
 
 @pytest.fixture(scope="module")
 def server(template_cluster, module_dir, module_env, ca, bindir):
-    base = tempfile.mkdtemp(prefix="metrics-", dir=module_dir)
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    shutil.copytree(template_cluster, data, symlinks=True)
-    os.chmod(data, 0o700)
-    issued = ca.server_cert()
-    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
-    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
-    write_file(os.path.join(data, "pg_hba.conf"), HBA)
     metrics_port = free_port()
-    append_conf(data, f"ssl = on\nssl_min_protocol_version = 'TLSv1.3'\npgfast.workers = 2\n"
-                      f"pgfast.metrics_listen = '127.0.0.1:{metrics_port}'")
-    chown_tree(data)
-    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
-    os.chmod(socket_dir, 0o777)
-    pgfast = Pgfast(data, free_port(), socket_dir, [], dict(module_env)).start()
+    pgfast = tls_server(template_cluster, module_dir, "metrics-", ca, HBA,
+                        f"ssl_min_protocol_version = 'TLSv1.3'\npgfast.workers = 2\n"
+                        f"pgfast.metrics_listen = '127.0.0.1:{metrics_port}'", module_env).start()
     pgfast.metrics_port = metrics_port
-    with psycopg.connect(host=socket_dir, port=pgfast.port, dbname="postgres", user="postgres",
+    with psycopg.connect(host=pgfast.socket_dir, port=pgfast.port, dbname="postgres", user="postgres",
                          autocommit=True) as conn:
         conn.execute(f"create role app login password '{PASSWORD}'")
         conn.execute("alter role app set pgfast.pool_mode = transaction")

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, write_file
+from conftest import tls_server
 
 HBA = ("local all all trust\nlocal replication all trust\n"
        "hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n")
@@ -21,20 +21,7 @@ RUNS = 20
 @pytest.fixture(scope="module")
 def server(template_cluster, module_dir, module_env):
     ca = certs.CA("pgfast replication test CA")
-    base = tempfile.mkdtemp(prefix="repl-", dir=module_dir)
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    shutil.copytree(template_cluster, data, symlinks=True)
-    os.chmod(data, 0o700)
-    issued = ca.server_cert()
-    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
-    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
-    write_file(os.path.join(data, "pg_hba.conf"), HBA)
-    append_conf(data, "ssl = on\nmax_wal_senders = 10")
-    chown_tree(data)
-    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
-    os.chmod(socket_dir, 0o777)
-    pgfast = Pgfast(data, free_port(), socket_dir, [], dict(module_env)).start()
+    pgfast = tls_server(template_cluster, module_dir, "repl-", ca, HBA, "max_wal_senders = 10", module_env).start()
     yield pgfast
     pgfast.stop()
     assert "Traceback" not in pgfast.log, pgfast.log

@@ -5,11 +5,9 @@ without its neighbours' clients noticing."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 import threading
 import time
 
@@ -17,27 +15,14 @@ import psycopg
 import pytest
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, write_file
+from conftest import Pgfast, tls_server
 from rawclient import RawClient, error_fields, query_message
 
 HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
 
 
 def start(template_cluster, module_dir, env, ca, name: str, conf: str) -> Pgfast:
-    base = tempfile.mkdtemp(prefix=f"w-{name}-", dir=module_dir)
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    shutil.copytree(template_cluster, data, symlinks=True)
-    os.chmod(data, 0o700)
-    issued = ca.server_cert()
-    certs.write(os.path.join(data, "server.crt"), issued.chain_pem(), 0o644)
-    certs.write(os.path.join(data, "server.key"), issued.key_pem(), 0o600)
-    write_file(os.path.join(data, "pg_hba.conf"), HBA)
-    append_conf(data, "ssl = on\npgfast.workers = 2\n" + conf)
-    chown_tree(data)
-    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
-    os.chmod(socket_dir, 0o777)
-    return Pgfast(data, free_port(), socket_dir, [], dict(env)).start()
+    return tls_server(template_cluster, module_dir, f"w-{name}-", ca, HBA, "pgfast.workers = 2\n" + conf, env).start()
 
 
 @pytest.fixture(scope="module")
