@@ -13,7 +13,7 @@ refuses, then take_message(65535) likewise, then take_all().
 Every call is checked against a model of the buffer (the bytes fed and not yet taken);
 every startup packet taken goes through interpret(), whose result is checked against
 the packet (and against PostgreSQL's ProcessStartupPacket where noted). Allowed
-exceptions: ProtocolViolation (from the buffer) and Refused (from interpret).
+exceptions: ProtocolViolation (from the buffer), Refused and BadCancelRequest (from interpret).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def check_startup_message(minor: int, body: bytes, result) -> None:
     if result.replication and not result.walsender:
         fail("interpret.walsender", repr(result))
     if result.needs_negotiation:
-        messages.negotiate_protocol_version(negotiation.NEWEST_MINOR, result.unrecognized_options)
+        messages.negotiate_protocol_version(min(minor, negotiation.NEWEST_MINOR), result.unrecognized_options)
 
 
 def check_interpret(code: int, body: bytes) -> None:
@@ -154,6 +154,8 @@ def check_interpret(code: int, body: bytes) -> None:
     except Refused as refusal:
         check_refusal(refusal)
         result = refusal
+    except negotiation.BadCancelRequest as bad:
+        result = bad
     if code == _framing.SSL_REQUEST_CODE:
         if not isinstance(result, negotiation.SSLRequest):
             fail("interpret.ssl", repr(result))
@@ -161,12 +163,19 @@ def check_interpret(code: int, body: bytes) -> None:
         if not isinstance(result, negotiation.GSSENCRequest):
             fail("interpret.gssenc", repr(result))
     elif code == _framing.CANCEL_REQUEST_CODE:
-        if len(body) == 8:
+        # PostgreSQL 18's ProcessCancelRequestPacket: a process ID, then a key of 1-256 bytes
+        if len(body) < 4:
+            if not (isinstance(result, negotiation.BadCancelRequest)
+                    and str(result) == "invalid length of cancel request packet"):
+                fail("interpret.cancel-length", repr(result))
+        elif not 0 < len(body) - 4 <= negotiation.MAX_CANCEL_KEY_LENGTH:
+            if not (isinstance(result, negotiation.BadCancelRequest)
+                    and str(result) == "invalid length of cancel key in cancel request packet"):
+                fail("interpret.cancel-key-length", repr(result))
+        else:
             expected = negotiation.CancelRequest(struct.unpack("!i", body[:4])[0], body[4:])
             if result != expected:
                 fail("interpret.cancel", f"{result!r} != {expected!r}")
-        elif not (isinstance(result, Refused) and result.sqlstate == "08P01"):
-            fail("interpret.cancel-length", repr(result))
     elif code >> 16 == 3:
         check_startup_message(code & 0xFFFF, body, result)
     elif not (isinstance(result, Refused) and result.sqlstate == "0A000"):
