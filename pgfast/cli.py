@@ -79,7 +79,9 @@ def _init(args) -> int:
     from . import accounts, initdb, pgbin
     data_dir = _data_dir(args.data_dir)
     account = accounts.database_account(data_dir, args.user)
-    info = initdb.initialise(data_dir, pgbin.announce(), account, superuser=args.superuser, auth=args.auth,
+    bindir, how = pgbin.locate()
+    pgbin.announce(bindir, how)
+    info = initdb.initialise(data_dir, bindir, account, superuser=args.superuser, auth=args.auth,
                              pwfile=args.pwfile, key_type=args.key_type,
                              key_passphrase_file=args.key_passphrase_file)
     print(initdb.report(info, 5432))

