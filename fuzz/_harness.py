@@ -61,6 +61,22 @@ def fail(label: str, detail: str = "") -> None:
     raise Finding(label, detail)
 
 
+def split_stream(data: bytes) -> tuple[bytes, list[bytes]]:
+    """data[0] % 64 chunk sizes (each byte + 1), then the stream: the stream, and the
+    chunks it arrives in (whatever the sizes leave over is the last one)."""
+    k = data[0] % 64
+    sizes, stream = data[1:1 + k], data[1 + k:]
+    chunks, i = [], 0
+    for s in sizes:
+        if i >= len(stream):
+            break
+        chunks.append(stream[i:i + s + 1])
+        i += s + 1
+    if i < len(stream):
+        chunks.append(stream[i:])
+    return stream, chunks
+
+
 def instrumented():
     """Context manager under which a target imports the code it fuzzes."""
     if atheris is None:

@@ -19,7 +19,7 @@ ProtocolViolation may be raised.
 from __future__ import annotations
 
 import _harness
-from _harness import fail
+from _harness import fail, split_stream
 
 with _harness.instrumented():
     from pgfast import _framing
@@ -73,16 +73,7 @@ def test_one_input(data: bytes) -> None:
     if len(data) < 2:
         return
     from_client = bool(data[0] & 1)
-    k = data[1] % 64
-    sizes, stream = data[2:2 + k], data[2 + k:]
-    chunks, i = [], 0
-    for s in sizes:
-        if i >= len(stream):
-            break
-        chunks.append(stream[i:i + s + 1])
-        i += s + 1
-    if i < len(stream):
-        chunks.append(stream[i:])
+    stream, chunks = split_stream(data[1:])
 
     whole = relay(_framing, from_client, [stream])
     runs = {"split": relay(_framing, from_client, chunks, twin=True),

@@ -18,7 +18,6 @@ exceptions: ProtocolViolation (from the buffer), Refused and BadCancelRequest (f
 from __future__ import annotations
 
 import struct
-import sys
 
 import _harness
 from _harness import fail

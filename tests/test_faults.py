@@ -34,7 +34,7 @@ import psycopg.errors
 import pytest
 
 import certs
-from conftest import READY, Pgfast, append_conf, db_account, free_port, write_file
+from conftest import READY, Pgfast, alive, append_conf, db_account, free_port, port_is_free, wait_until, write_file
 from rawclient import RawClient, error_fields
 
 HBA = """\
@@ -55,7 +55,7 @@ ADMIN_57P01 = "terminating connection due to administrator command"
 PM_EXIT_57P01 = "terminating connection due to unexpected postmaster exit"
 
 
-# ---------------------------------------------------------------- helpers (copied from test_startup)
+# ---------------------------------------------------------------- helpers
 
 def postgres_processes(data_dir: str) -> list[int]:
     """PostgreSQL processes of data_dir: they all run with it as working directory."""
@@ -97,38 +97,6 @@ def pid_file_pid(data_dir: str) -> int | None:
         return int(lines[0])
     except (IndexError, ValueError):
         return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is not "listening"
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def assert_nothing_left(data_dir: str, port: int, socket_dir: str, *, grace: float = 5) -> None:

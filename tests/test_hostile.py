@@ -399,18 +399,9 @@ class _EndSessionOnReady:
         return time.monotonic() + 1.0
 
 
-def run_case(port: int, case: Case, ctx: ssl.SSLContext | None = None, deadline: float = PREAUTH_DEADLINE) -> Outcome:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if case.tls:
-        if not case.direct:
-            sock.sendall(SSL_REQUEST)
-            answer = sock.recv(1)
-            assert answer == b"S", answer
-        sock = ctx.wrap_socket(sock, server_hostname="localhost")
-        if case.direct:
-            assert sock.selected_alpn_protocol() == "postgresql"
-    start = time.monotonic()
+def send_case(sock, case: Case) -> Outcome | None:
+    """Send the case's chunks (case.gap apart) and end as it says when the client ends it
+    (rst, close, shut: a half-close); None when the client goes on to read what comes."""
     try:
         for n, chunk in enumerate(case.chunks):
             if n and case.gap:
@@ -427,6 +418,24 @@ def run_case(port: int, case: Case, ctx: ssl.SSLContext | None = None, deadline:
             sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass                            # refused before all had been sent: read what was said
+    return None
+
+
+def run_case(port: int, case: Case, ctx: ssl.SSLContext | None = None, deadline: float = PREAUTH_DEADLINE) -> Outcome:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if case.tls:
+        if not case.direct:
+            sock.sendall(SSL_REQUEST)
+            answer = sock.recv(1)
+            assert answer == b"S", answer
+        sock = ctx.wrap_socket(sock, server_hostname="localhost")
+        if case.direct:
+            assert sock.selected_alpn_protocol() == "postgresql"
+    start = time.monotonic()
+    ended = send_case(sock, case)
+    if ended is not None:
+        return ended
     watcher = _EndSessionOnReady(case.prefix)
     try:
         outcome = _read_until_closed(sock, start, deadline, watcher)
@@ -679,16 +688,9 @@ def _after_ssl_request(port: int, case: Case) -> Outcome:
         sock.sendall(SSL_REQUEST)
         assert sock.recv(1) == b"S"
         start = time.monotonic()
-        try:
-            for chunk in case.chunks:
-                sock.sendall(chunk)
-            if case.finish == "rst":
-                reset(sock)
-                return Outcome(end="client")
-            if case.finish == "shut":
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass                        # refused before all had been sent: read what was said
+        ended = send_case(sock, case)
+        if ended is not None:
+            return ended
         return _read_until_closed(sock, start, PREAUTH_DEADLINE)
     finally:
         sock.close()
@@ -1407,19 +1409,9 @@ def session_case(server: Pgfast, ctx: ssl.SSLContext | None, case: Case, role: s
     client = logged_in(server, ctx, role)
     sock = client.sock
     start = time.monotonic()
-    try:
-        for n, chunk in enumerate(case.chunks):
-            if n and case.gap:
-                time.sleep(case.gap)
-            sock.sendall(chunk)
-        if case.finish == "rst":
-            reset(sock)
-            return Outcome(end="client")
-        if case.finish == "close":
-            sock.close()
-            return Outcome(end="client")
-    except OSError:
-        pass
+    ended = send_case(sock, case)
+    if ended is not None:
+        return ended
     try:
         if case.finish == "linger":
             outcome = _read_until_closed(sock, start, 0.4)

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, write_file
+from conftest import Pgfast, append_conf, chown_tree, free_port, wait_until, write_file
 from rawclient import SSL_REQUEST, RawClient
 
 HBA = """\
@@ -69,16 +69,6 @@ def fd_kinds(pid: int) -> dict[str, int]:
         inode = int(target[8:-1]) if target.startswith("socket:[") else None
         kinds["tcp" if inode in tcp else "unix" if inode in unix else "other"] += 1
     return kinds
-
-
-def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def raise_nofile(needed: int) -> None:

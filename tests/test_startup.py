@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography import x509
 
 import certs
-from conftest import server_has_openssl, server_major, READY, Pgfast, append_conf, chown_tree, db_account, free_port, psql, write_file
+from conftest import (READY, Pgfast, alive, append_conf, chown_tree, db_account, free_port, port_is_free, psql,
+                      server_has_openssl, server_major, write_file)
 from pgfast import __version__
 
 AS_ROOT = os.geteuid() == 0
@@ -103,28 +104,6 @@ def pid_file_pid(data_dir: str) -> int | None:
 def pid_file_lines(data_dir: str) -> list[str]:
     with open(os.path.join(data_dir, "postmaster.pid")) as f:
         return f.read().splitlines()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is not "listening"
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def accepts(port: int) -> bool:
