@@ -50,9 +50,12 @@ _REQUIRED = (
     "X509_get_serialNumber", "X509_NAME_entry_count", "X509_NAME_get_entry", "X509_NAME_ENTRY_get_object",
     "X509_NAME_ENTRY_get_data", "OBJ_obj2nid", "OBJ_nid2sn", "OBJ_nid2ln", "ASN1_STRING_to_UTF8",
     "OPENSSL_free", "ASN1_INTEGER_to_BN", "BN_bn2hex", "BN_free",
+    # server name indication
+    "SSL_CTX_set_tlsext_servername_callback", "SSL_get_servername", "SSL_set_verify",
 )
 _CONSTANTS = ("SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_ALERT_FATAL", "X509_V_FLAG_CRL_CHECK",
-              "X509_V_FLAG_CRL_CHECK_ALL", "SSL_VERIFY_PEER", "SSL_VERIFY_CLIENT_ONCE")
+              "X509_V_FLAG_CRL_CHECK_ALL", "SSL_VERIFY_PEER", "SSL_VERIFY_CLIENT_ONCE", "SSL_VERIFY_NONE",
+              "TLSEXT_NAMETYPE_host_name")
 
 
 def _check_bindings() -> None:
@@ -311,10 +314,45 @@ def _verify_callback(ok, store_ctx):
     return ok
 
 
+# VERIFY_PEER without VERIFY_FAIL_IF_NO_PEER_CERT: a client without a certificate still
+# completes the handshake, and pg_hba decides later (as in PostgreSQL)
+_REQUEST_CLIENT_CERTIFICATE = _lib.SSL_VERIFY_PEER | _lib.SSL_VERIFY_CLIENT_ONCE
+
+
 def request_client_certificates(ctx: SSL.Context) -> None:
-    """VERIFY_PEER without VERIFY_FAIL_IF_NO_PEER_CERT: a client without a certificate
-    still completes the handshake, and pg_hba decides later (as in PostgreSQL)."""
-    _lib.SSL_CTX_set_verify(ctx._context, _lib.SSL_VERIFY_PEER | _lib.SSL_VERIFY_CLIENT_ONCE, _verify_callback)
+    _lib.SSL_CTX_set_verify(ctx._context, _REQUEST_CLIENT_CERTIFICATE, _verify_callback)
+
+
+def set_verify_mode(conn: SSL.Connection, request_client_certificate: bool) -> None:
+    """A connection's own verify mode, for the host its server name chose."""
+    mode = _REQUEST_CLIENT_CERTIFICATE if request_client_certificate else _lib.SSL_VERIFY_NONE
+    _lib.SSL_set_verify(conn._ssl, mode, _verify_callback)
+
+
+# TLS alerts (RFC 8446 section 6), which cryptography's bindings do not name
+ALERT_MISSING_EXTENSION = 109
+ALERT_UNRECOGNIZED_NAME = 112
+_ALERT_INTERNAL_ERROR = 80
+
+
+@_ffi.callback("int (*)(SSL *, int *, void *)", error=_lib.SSL_TLSEXT_ERR_ALERT_FATAL, onerror=_callback_failed)
+def _choose_by_server_name(ssl, alert, arg):
+    """The servername callback, which OpenSSL calls for every ClientHello (with or without
+    the extension): the connection's holder (tls.TLSSession) picks the host or an alert."""
+    holder = _holders.get(_address(ssl))
+    if holder is None:
+        alert[0] = _ALERT_INTERNAL_ERROR
+        return _lib.SSL_TLSEXT_ERR_ALERT_FATAL
+    name = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
+    refusal = holder.choose_host(_ffi.string(name) if name != _ffi.NULL else None)
+    if refusal is None:
+        return _lib.SSL_TLSEXT_ERR_OK
+    alert[0] = refusal
+    return _lib.SSL_TLSEXT_ERR_ALERT_FATAL
+
+
+def choose_by_server_name(ctx: SSL.Context) -> None:
+    _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, _choose_by_server_name)
 
 
 def peer_certificate_subject(conn: SSL.Connection) -> list[tuple[str, str]] | None:

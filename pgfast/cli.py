@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(exc.output)
         return 1
     except StartupError as exc:
-        log.fatal(exc.message, detail=exc.detail, hint=exc.hint)
+        log.fatal(exc.message, detail=exc.detail, hint=exc.hint, context=exc.context)
         return 1
     except KeyboardInterrupt:
         return 1

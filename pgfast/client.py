@@ -348,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
         if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
         self._startup = startup
-        tls = self._tls.server if self._tls is not None else None      # a reload does not change it under us
+        # the host configuration the handshake used: a reload does not change it under us
+        tls = self._tls.host if self._tls is not None else None
         info = ClientInfo(local=self._local, ssl=tls is not None, address=self._address, user=startup.user,
                           database=startup.database, replication=startup.replication,
                           certificate_cn=self._tls.peer_cn() if self._tls is not None else None,

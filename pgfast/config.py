@@ -295,6 +295,8 @@ _HONOURED: dict[str, _Parser] = {
     "ssl_prefer_server_ciphers": _boolean,
     "ssl_passphrase_command": _string,
     "ssl_passphrase_command_supports_reload": _boolean,
+    "ssl_sni": _boolean,                    # PostgreSQL 19: pgfast.ssl_sni
+    "hosts_file": _string,                  # PostgreSQL 19: pgfast.hosts_file
     "hba_file": _string,
     "ident_file": _string,
     "authentication_timeout": _integer(1, 600, seconds=True),
@@ -348,6 +350,10 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
     # Prometheus /metrics (metrics.py); None: off
     "pgfast.metrics_listen": (_listen_address, None),
+    # PostgreSQL 19's server SNI (hosts.py), under names every PostgreSQL behind accepts;
+    # with 19 behind, ssl_sni and hosts_file set them too
+    "pgfast.ssl_sni": (_boolean, False),
+    "pgfast.hosts_file": (_string, "pg_hosts.conf"),
 }
 # pgfast settings that ALTER ROLE / ALTER DATABASE ... SET may override for a role or database
 PER_ROLE_SETTINGS = ("pgfast.pool_mode", "pgfast.pool_size")
@@ -596,8 +602,9 @@ _CUSTOM_NAME = re.compile(rf"{_CUSTOM_PART}(?:\.{_CUSTOM_PART})+")
 
 
 # PostgreSQL 18's map_old_guc_names for a setting pgfast reads: either name sets it, and
-# the later line wins (PostgreSQL 15 knows only ssl_ecdh_curve)
-_RENAMED = {"ssl_ecdh_curve": "ssl_groups"}
+# the later line wins (PostgreSQL 15 knows only ssl_ecdh_curve). PostgreSQL 19's SNI settings
+# are pgfast's own under older PostgreSQL, which would refuse the bare names.
+_RENAMED = {"ssl_ecdh_curve": "ssl_groups", "ssl_sni": "pgfast.ssl_sni", "hosts_file": "pgfast.hosts_file"}
 
 
 def _check_name(item: _Item, known: Mapping[str, str] | None) -> None:

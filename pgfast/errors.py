@@ -7,11 +7,13 @@ has a message for the same condition: users and their tools grep for it.
 
 
 class StartupError(Exception):
-    def __init__(self, message: str, detail: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, detail: str | None = None, hint: str | None = None,
+                 context: str | None = None):
         super().__init__(message)
         self.message = message
         self.detail = detail
         self.hint = hint
+        self.context = context      # PostgreSQL's CONTEXT line: where in a file
 
 
 class ConfigError(StartupError):

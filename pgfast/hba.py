@@ -52,7 +52,7 @@ _MAX_INCLUDE_DEPTH = 10
 _STRTOL_DIGITS = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
-class _LineError(Exception):
+class LineError(Exception):
     """A line PostgreSQL would refuse; the caller adds the file and line number."""
 
     def __init__(self, message: str, hint: str | None = None):
@@ -72,7 +72,7 @@ class Token:
         return not self.quoted and self.string == word
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
     # Bytes as written, so names that are not UTF-8 still compare as PostgreSQL would.
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "surrogateescape")
@@ -119,7 +119,7 @@ def _next_token(line: str, pos: int) -> tuple[Token | None, bool, int]:
         width = len(c.encode("utf-8", "surrogateescape"))
         # C checks byte by byte, so a character that does not fit whole is too long
         if size + width > _MAX_TOKEN_BYTES:
-            raise _LineError('authentication file token too long, skipping: "%s"' % "".join(chars))
+            raise LineError('authentication file token too long, skipping: "%s"' % "".join(chars))
         if c == "," and not in_quote:
             comma = True
             break
@@ -170,31 +170,44 @@ def _include(outer_path: str, name: str, depth: int) -> list[Token]:
         os.path.join(os.path.dirname(outer_path), name))
     prefix = f'could not open secondary authentication file "@{name}" as "{full}"'
     if depth > _MAX_INCLUDE_DEPTH:
-        raise _LineError(f"{prefix}: maximum nesting depth exceeded")
+        raise LineError(f"{prefix}: maximum nesting depth exceeded")
     try:
-        text = _read_text(full)
+        text = read_text(full)
     except OSError as e:
-        raise _LineError(f"{prefix}: {e.strerror}") from None
+        raise LineError(f"{prefix}: {e.strerror}") from None
     return [token for _, line in _logical_lines(text)
             for field in _fields(line, full, depth) for token in field]
 
 
-def _parse_file(path: str, text: str, parse_line: Callable[[list[list[Token]], int, str], object]) -> list:
+def tokenize(path: str, text: str) -> Iterator[tuple[int, str, list[list[Token]] | LineError]]:
+    """tokenize_auth_file: (line number, line, its fields or why they cannot be read) for
+    each line that is not empty; pg_hosts.conf is read with it too."""
     base = os.path.abspath(path)
-    parsed = []
     for line_no, line in _logical_lines(text):
         try:
             fields = _fields(line, base, 0)
-            if fields:
-                parsed.append(parse_line(fields, line_no, line))
-        except _LineError as e:
+        except LineError as e:
+            yield line_no, line, e
+            continue
+        if fields:
+            yield line_no, line, fields
+
+
+def _parse_file(path: str, text: str, parse_line: Callable[[list[list[Token]], int, str], object]) -> list:
+    parsed = []
+    for line_no, line, fields in tokenize(path, text):
+        try:
+            if isinstance(fields, LineError):
+                raise fields
+            parsed.append(parse_line(fields, line_no, line))
+        except LineError as e:
             raise HbaError(f'{e.message} in file "{path}" line {line_no}', hint=e.hint) from None
     return parsed
 
 
 def _single(tokens: list[Token], message: str, hint: str | None = None) -> Token:
     if len(tokens) > 1:
-        raise _LineError(message, hint)
+        raise LineError(message, hint)
     return tokens[0]
 
 
@@ -247,7 +260,7 @@ def _parse_hba_line(fields: list[list[Token]], line_no: int, text: str, *,
 def _next_or(fields: Iterator[list[Token]], message: str, hint: str | None = None) -> list[Token]:
     field = next(fields, None)
     if field is None:
-        raise _LineError(message, hint)
+        raise LineError(message, hint)
     return field
 
 
@@ -255,7 +268,7 @@ def _parse_conntype(field: list[Token]) -> str:
     token = _single(field, "multiple values specified for connection type",
                     "Specify exactly one connection type per line.")
     if token.string not in _CONNTYPES:
-        raise _LineError(f'invalid connection type "{token.string}"')
+        raise LineError(f'invalid connection type "{token.string}"')
     return token.string
 
 
@@ -270,12 +283,12 @@ def _parse_address(fields: Iterator[list[Token]]) -> tuple[str, IpRange | None, 
     address = _address_or_none(host)
     if address is None:
         if slash:
-            raise _LineError(f'specifying both host name and CIDR mask is invalid: "{token.string}"')
+            raise LineError(f'specifying both host name and CIDR mask is invalid: "{token.string}"')
         return "hostname", None, host
     if slash:
         mask = _cidr_mask(bits, address.max_prefixlen)
         if mask is None:
-            raise _LineError(f'invalid CIDR mask in address "{token.string}"')
+            raise LineError(f'invalid CIDR mask in address "{token.string}"')
     else:
         mask = _separate_mask(fields, address.version)
     return "mask", IpRange(address.version, int(address), mask), None
@@ -296,7 +309,7 @@ def _address_or_none(text: str) -> IpAddress | None:
     except socket.gaierror as e:
         if e.errno == socket.EAI_NONAME:
             return None
-        raise _LineError(f'invalid IP address "{text}": {e.strerror}') from None
+        raise LineError(f'invalid IP address "{text}": {e.strerror}') from None
 
 
 def _cidr_mask(bits: str, width: int) -> int | None:
@@ -316,9 +329,9 @@ def _separate_mask(fields: Iterator[list[Token]], version: int) -> int:
     try:
         mask = _numeric_address(token.string)
     except socket.gaierror as e:
-        raise _LineError(f'invalid IP mask "{token.string}": {e.strerror}') from None
+        raise LineError(f'invalid IP mask "{token.string}": {e.strerror}') from None
     if mask.version != version:
-        raise _LineError("IP address and mask do not match")
+        raise LineError("IP address and mask do not match")
     return int(mask)
 
 
@@ -326,15 +339,15 @@ def _parse_method(field: list[Token], conntype: str, supported: frozenset[str]) 
     method = _single(field, "multiple values specified for authentication type",
                      "Specify exactly one authentication type per line.").string
     if method not in PG_METHODS:
-        raise _LineError(f'invalid authentication method "{method}"')
+        raise LineError(f'invalid authentication method "{method}"')
     if conntype == "local" and method == "ident":
         method = "peer"     # PostgreSQL's backwards compatibility for local ident
     if method not in supported:
-        raise _LineError(f'authentication method "{method}" is not supported by pgfast')
+        raise LineError(f'authentication method "{method}" is not supported by pgfast')
     if conntype != "local" and method == "peer":
-        raise _LineError("peer authentication is only supported on local sockets")
+        raise LineError("peer authentication is only supported on local sockets")
     if conntype != "hostssl" and method == "cert":
-        raise _LineError("cert authentication is only supported on hostssl connections")
+        raise LineError("cert authentication is only supported on hostssl connections")
     return method
 
 
@@ -343,7 +356,7 @@ def _parse_options(fields: Iterable[list[Token]], conntype: str, method: str) ->
     for token in (token for field in fields for token in field):
         name, eq, value = token.string.partition("=")
         if not eq:
-            raise _LineError(f"authentication option not in name=value format: {token.string}")
+            raise LineError(f"authentication option not in name=value format: {token.string}")
         if name == "clientname":
             _check_clientname(value, conntype)
         else:
@@ -362,32 +375,32 @@ def _option_value(name: str, value: str, conntype: str, method: str) -> str | No
         return _clientcert(value, conntype, method)
     if name in _OTHER_METHOD_OPTIONS:
         raise _invalid_option(name, _OTHER_METHOD_OPTIONS[name])
-    raise _LineError(f'unrecognized authentication option name: "{name}"')
+    raise LineError(f'unrecognized authentication option name: "{name}"')
 
 
-def _invalid_option(name: str, methods: str) -> _LineError:
-    return _LineError(f'authentication option "{name}" is only valid for authentication methods {methods}')
+def _invalid_option(name: str, methods: str) -> LineError:
+    return LineError(f'authentication option "{name}" is only valid for authentication methods {methods}')
 
 
 def _clientcert(value: str, conntype: str, method: str) -> str:
     if conntype != "hostssl":
-        raise _LineError('clientcert can only be configured for "hostssl" rows')
+        raise LineError('clientcert can only be configured for "hostssl" rows')
     if value == "verify-ca" and method == "cert":
-        raise _LineError('clientcert only accepts "verify-full" when using "cert" authentication')
+        raise LineError('clientcert only accepts "verify-full" when using "cert" authentication')
     if value not in ("verify-ca", "verify-full"):
-        raise _LineError(f'invalid value for clientcert: "{value}"')
+        raise LineError(f'invalid value for clientcert: "{value}"')
     return value
 
 
 def _check_clientname(value: str, conntype: str) -> None:
     if conntype != "hostssl":
-        raise _LineError('clientname can only be configured for "hostssl" rows')
+        raise LineError('clientname can only be configured for "hostssl" rows')
     if value not in ("CN", "DN"):
-        raise _LineError(f'invalid value for clientname: "{value}"')
+        raise LineError(f'invalid value for clientname: "{value}"')
     # Certificates are matched on their CN; matching a DN as if it were a CN would admit
     # clients PostgreSQL refuses.
     if value == "DN":
-        raise _LineError("clientname=DN is not supported by pgfast")
+        raise LineError("clientname=DN is not supported by pgfast")
 
 
 # ---------------------------------------------------------------- matching
@@ -605,7 +618,7 @@ def load_hba(path: str, supported_methods: frozenset[str]) -> HbaRules:
     if unparseable:
         raise ValueError(f"pgfast cannot read the options of {sorted(unparseable)}")
     try:
-        text = _read_text(path)
+        text = read_text(path)
     except OSError as e:
         raise HbaError(f'could not open configuration file "{path}": {e.strerror}') from None
 
@@ -676,7 +689,7 @@ def load_ident(path: str) -> IdentMap:
     """Parse pg_ident.conf.  A file that cannot be opened is an empty map, logged,
     as PostgreSQL starts without one; a bad line is an HbaError."""
     try:
-        text = _read_text(path)
+        text = read_text(path)
     except OSError as e:
         log.log(f'could not open usermap file "{path}": {e.strerror}')
         return IdentMap()
@@ -691,7 +704,7 @@ def _parse_ident_line(fields: list[list[Token]], line_no: int, *, file: str) -> 
     values = []
     for i in range(3):
         if i >= len(fields):
-            raise _LineError("missing entry at end of line")
+            raise LineError("missing entry at end of line")
         values.append(_single(fields[i], "multiple values in ident field").string)
     map_name, system_user, pg_user = values
     regex = _compile_ident_regex(system_user[1:]) if system_user.startswith("/") else None
@@ -716,7 +729,7 @@ def _compile_ident_regex(pattern: str) -> re.Pattern:
         # ASCII: the C collation's classes; DOTALL: an ARE '.' matches newlines too
         return re.compile(_are_to_python(pattern), re.ASCII | re.DOTALL)
     except re.error as e:
-        raise _LineError(f'invalid regular expression "{pattern}": {e}') from None
+        raise LineError(f'invalid regular expression "{pattern}": {e}') from None
 
 
 def _are_to_python(pattern: str) -> str:

@@ -126,13 +126,16 @@ def write_raw(data: bytes) -> None:
         _write(data)
 
 
-def emit(level: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
+def emit(level: str, message: str, detail: str | None = None, hint: str | None = None,
+         context: str | None = None) -> None:
     prefix = _prefix()
     lines = [f"{prefix}{level}:  {message}\n"]
     if detail:
         lines.append(f"{prefix}DETAIL:  {detail}\n")
     if hint:
         lines.append(f"{prefix}HINT:  {hint}\n")
+    if context:
+        lines.append(f"{prefix}CONTEXT:  {context}\n")
     write_raw("".join(lines).encode("utf-8", "replace"))
 
 

@@ -20,7 +20,8 @@ from .tls import load_server_tls
 
 # what pgfast reads at start only (PostgreSQL's PGC_POSTMASTER, and pgfast's own)
 _RESTART_FIELDS = ("listen_addresses", "port", "unix_socket_directories", "max_connections")
-_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen")
+_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen",
+                   "pgfast.hosts_file")
 
 
 def _emit(quiet: bool, message: str, **kw) -> None:
@@ -29,7 +30,7 @@ def _emit(quiet: bool, message: str, **kw) -> None:
 
 
 def _report(quiet: bool, exc: StartupError) -> None:
-    _emit(quiet, exc.message, detail=exc.detail, hint=exc.hint)
+    _emit(quiet, exc.message, detail=exc.detail, hint=exc.hint, context=exc.context)
 
 
 def reload(service, *, quiet: bool = False) -> None:

@@ -20,6 +20,7 @@ import signal
 import stat
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,10 +28,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from . import _openssl
+from . import _openssl, log
 from ._pump import TLSError, TLSPump, pump_for
 from .config import Settings
 from .errors import TLSSetupError
+from .hosts import DEFAULT_HOST, NO_SNI, hosts_file, load_hosts
 
 PASSPHRASE_PROMPT = "Enter PEM pass phrase:"   # OpenSSL's own prompt, which PostgreSQL passes as %p
 ALPN_PROTOCOL = _openssl.ALPN_PROTOCOL
@@ -62,15 +64,34 @@ class TLSSession:
     callbacks see and which answers questions about the session), the Cython pump that
     moves its records, and what the callbacks learned about it."""
 
-    __slots__ = ("connection", "pump", "verify_failure", "server", "__weakref__")
+    __slots__ = ("connection", "pump", "verify_failure", "server", "host", "__weakref__")
 
     def __init__(self, context: SSL.Context, server: "ServerTLS | None" = None):
-        self.server = server            # the context's facts, as they were when the handshake began
+        self.server = server            # the configuration as it was when the handshake began
+        # the configuration serving this connection; the server name the client sends may
+        # pick another (choose_host)
+        self.host: HostTLS | None = server.first if server is not None else None
         self.connection = SSL.Connection(context, None)
         self.connection.set_accept_state()
         self.pump: TLSPump = pump_for(self.connection)
         self.verify_failure: _openssl.VerifyFailure | None = None
         _openssl.register(self.connection, self)
+
+    def choose_host(self, server_name: bytes | None) -> int | None:
+        """The server name callback's decision: None to go on with the host configured for
+        server_name, or the TLS alert that ends the handshake (sni_clienthello_cb)."""
+        host = self.server.host_for(server_name)
+        if host is None:
+            if server_name is None:
+                log.log("no hostname provided in callback, and no fallback configured")
+                return _openssl.ALERT_MISSING_EXTENSION
+            return _openssl.ALERT_UNRECOGNIZED_NAME
+        if host is not self.host:
+            self.connection.set_context(host.context)
+            # SSL_set_SSL_CTX takes the certificate, key and CA store, not the verify mode
+            _openssl.set_verify_mode(self.connection, host.requests_client_cert)
+            self.host = host
+        return None
 
     def verify_failure_detail(self) -> str | None:
         """PostgreSQL's log DETAIL for a client certificate that failed verification."""
@@ -95,33 +116,87 @@ class TLSSession:
         return self.connection.get_protocol_version_name()
 
 
-class ServerTLS:
-    """A checked server context; one TLSSession per client."""
+@dataclass(frozen=True)
+class HostTLS:
+    """One checked certificate, key and CA: postgresql.conf's, or a pg_hosts.conf line's."""
+    context: SSL.Context
+    requests_client_cert: bool          # a CA file is in force
+    server_end_point: bytes             # SCRAM channel binding data for its certificate
 
-    def __init__(self, context: SSL.Context, requests_client_cert: bool, certificate: x509.Certificate):
-        self.context = context
-        self.requests_client_cert = requests_client_cert   # a CA file is in force
-        self.server_end_point = server_end_point_hash(certificate)
+
+class ServerTLS:
+    """The checked configurations; one TLSSession per client.
+
+    Without SNI (ssl_sni off, or pg_hosts.conf empty) postgresql.conf's is the default host
+    and serves everyone; with it, the client's server name chooses among pg_hosts.conf's."""
+
+    def __init__(self, default: HostTLS | None, no_sni: HostTLS | None = None,
+                 named: dict[str, HostTLS] | None = None):
+        self.default = default
+        self.no_sni = no_sni
+        self.named = named or {}        # lowercased name -> host
+        # every context holds the same protocol settings, so a handshake can begin on any
+        self.first = default or no_sni or next(iter(self.named.values()))
+        if no_sni is not None or self.named:
+            for host in {id(h): h for h in (default, no_sni, *self.named.values()) if h}.values():
+                _openssl.choose_by_server_name(host.context)
+
+    def host_for(self, server_name: bytes | None) -> HostTLS | None:
+        if server_name is None:
+            return self.no_sni or self.default
+        # RFC 6066 names are ASCII; anything else matches no configured name
+        name = server_name.decode("ascii", "replace").lower()
+        return self.named.get(name) or self.default
 
     def new_session(self) -> TLSSession:
-        return TLSSession(self.context, self)
+        return TLSSession(self.first.context, self)
 
 
 def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool, reloading: bool = False) -> ServerTLS:
-    """Build the server context from settings, or raise TLSSetupError as PostgreSQL would.
+    """Build the server configuration from settings, or raise TLSSetupError as PostgreSQL would.
 
-    db_uid is the user the key file must belong to (besides root); interactive says a
+    db_uid is the user the key files must belong to (besides root); interactive says a
     passphrase may be asked for on the terminal (the caller passes stdin.isatty());
     reloading applies PostgreSQL's rule that a key needing a passphrase is reloaded only
-    through an ssl_passphrase_command that supports it.
+    through a passphrase command that supports it.
     """
-    shown = functools.partial(_path_in_messages, data_dir=os.path.abspath(settings.data_dir))
+    data_dir = os.path.abspath(settings.data_dir)
+    shown = functools.partial(_path_in_messages, data_dir=data_dir)
+    build = functools.partial(_host_context, settings, shown=shown, db_uid=db_uid, interactive=interactive,
+                              reloading=reloading)
+    lines = None
+    if settings.pgfast["pgfast.ssl_sni"]:
+        lines = load_hosts(hosts_file(data_dir, settings.pgfast["pgfast.hosts_file"]))
+    if lines is None:
+        return ServerTLS(build(settings.ssl_cert_file, settings.ssl_key_file, settings.ssl_ca_file,
+                               settings.ssl_passphrase_command, settings.ssl_passphrase_command_supports_reload))
+    default = no_sni = None
+    named: dict[str, HostTLS] = {}
+    file = functools.partial(os.path.join, data_dir)    # relative names: the data directory's
+    for line in lines:
+        host = build(file(line.ssl_cert), file(line.ssl_key), file(line.ssl_ca) if line.ssl_ca else None,
+                     line.passphrase_command, line.passphrase_command_reload)
+        if line.special == DEFAULT_HOST:
+            default = host
+        elif line.special == NO_SNI:
+            no_sni = host
+        else:
+            named.update((name.lower(), host) for name in line.hostnames)
+    return ServerTLS(default, no_sni, named)
+
+
+def _host_context(settings: Settings, cert_file: str, key_file: str, ca_file: str | None,
+                  passphrase_command: str, passphrase_reload: bool, *, shown: Callable[[str], str],
+                  db_uid: int, interactive: bool, reloading: bool) -> HostTLS:
+    """One context with every start-up check; the protocol settings and CRLs are
+    postgresql.conf's for every host, as in PostgreSQL."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     _openssl.clear_errors()
 
-    _load_certificate_chain(ctx, settings.ssl_cert_file, shown(settings.ssl_cert_file))
-    _check_key_file_permissions(settings.ssl_key_file, shown(settings.ssl_key_file), db_uid)
-    _load_private_key(ctx, settings, shown(settings.ssl_key_file), interactive, reloading)
+    _load_certificate_chain(ctx, cert_file, shown(cert_file))
+    _check_key_file_permissions(key_file, shown(key_file), db_uid)
+    _load_private_key(ctx, key_file, shown(key_file), passphrase_command, passphrase_reload,
+                      interactive, reloading)
     if not _openssl.check_private_key(ctx):
         # OpenSSL already refused a mismatched key while loading it ("key values mismatch");
         # PostgreSQL checks again and so do we
@@ -141,17 +216,17 @@ def load_server_tls(settings: Settings, *, db_uid: int, interactive: bool, reloa
     _set_ciphers(ctx, settings.ssl_ciphers, settings.ssl_prefer_server_ciphers, settings.tls_settings_18)
     if settings.ssl_tls13_ciphers and not _openssl.set_tls13_ciphersuites(ctx, settings.ssl_tls13_ciphers):
         raise TLSSetupError("could not set the TLSv1.3 cipher suites (no valid ciphers available)")
-    if settings.ssl_ca_file:
-        _request_client_certificates(ctx, settings.ssl_ca_file, shown(settings.ssl_ca_file))
+    if ca_file:
+        _request_client_certificates(ctx, ca_file, shown(ca_file))
     if settings.ssl_crl_file or settings.ssl_crl_dir:
         _load_crls(ctx, settings.ssl_crl_file, settings.ssl_crl_dir, shown)
     _openssl.require_postgresql_alpn(ctx)
     # OpenSSL frees a connection's record buffers while it has nothing buffered: an idle
     # client then costs a few KB instead of two 16 KB+ buffers
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    with open(settings.ssl_cert_file, "rb") as f:
+    with open(cert_file, "rb") as f:
         certificate = x509.load_pem_x509_certificates(f.read())[0]
-    return ServerTLS(ctx, bool(settings.ssl_ca_file), certificate)
+    return HostTLS(ctx, bool(ca_file), server_end_point_hash(certificate))
 
 
 def server_end_point_hash(certificate: x509.Certificate) -> bytes:
@@ -195,13 +270,14 @@ def _check_key_file_permissions(path: str, shown: str, db_uid: int) -> None:
                    "or permissions u=rw,g=r (0640) or less if owned by root.")
 
 
-def _load_private_key(ctx: SSL.Context, settings: Settings, shown: str, interactive: bool, reloading: bool) -> None:
-    if reloading and not (settings.ssl_passphrase_command and settings.ssl_passphrase_command_supports_reload):
+def _load_private_key(ctx: SSL.Context, key_file: str, shown: str, command: str, command_reloads: bool,
+                      interactive: bool, reloading: bool) -> None:
+    if reloading and not (command and command_reloads):
         def source() -> bytes:
             raise TLSSetupError(f'private key file "{shown}" cannot be reloaded because it requires a passphrase')
     else:
-        source = _passphrase_source(settings.ssl_passphrase_command, shown, interactive)
-    if not _openssl.use_private_key_file(ctx, settings.ssl_key_file, source):
+        source = _passphrase_source(command, shown, interactive)
+    if not _openssl.use_private_key_file(ctx, key_file, source):
         raise TLSSetupError(f'could not load private key file "{shown}": {_openssl.error_reason()}')
 
 

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 import certs
-from pgfast.config import Settings
+from pgfast.config import PGFAST_SETTINGS, Settings
 from pgfast.errors import TLSSetupError
 from pgfast.selfsigned import write_self_signed
 from pgfast.tls import TLSSession, load_server_tls
@@ -76,6 +76,7 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         ssl_passphrase_command="", ssl_passphrase_command_supports_reload=False,
         hba_file=str(data_dir / "pg_hba.conf"), ident_file=str(data_dir / "pg_ident.conf"),
         authentication_timeout=60.0,
+        pgfast={name: default for name, (_, default) in PGFAST_SETTINGS.items()},
     )
     defaults.update(overrides)
     return Settings(**defaults)
@@ -174,7 +175,7 @@ def reasons(error: Exception | None) -> str:
 
 def test_loads_and_needs_no_client_certificate_without_ca(data_dir):
     tls = load(data_dir)
-    assert not tls.requests_client_cert
+    assert not tls.default.requests_client_cert
 
 
 def test_missing_certificate(data_dir):
@@ -438,7 +439,7 @@ def test_session_resumption_compression_and_renegotiation_are_off(data_dir):
     for option in (SSL.OP_NO_TICKET, SSL.OP_NO_COMPRESSION, SSL.OP_NO_RENEGOTIATION,
                    SSL.OP_CIPHER_SERVER_PREFERENCE):
         assert options & option
-    assert tls.context.get_session_cache_mode() == SSL.SESS_CACHE_OFF
+    assert tls.default.context.get_session_cache_mode() == SSL.SESS_CACHE_OFF
 
 
 def resumed(new_server_connection) -> bool:
@@ -576,7 +577,7 @@ def load_with_ca(ca_dir: Path, **overrides):
 
 def test_client_certificate_accepted(ca_dir, ca):
     tls = load_with_ca(ca_dir)
-    assert tls.requests_client_cert
+    assert tls.default.requests_client_cert
     server, client = tls.new_session(), client_connection(issued=ca.client_cert("alice"))
     outcome = handshake(server, client)
     assert outcome.server_error is None and outcome.client_error is None
@@ -702,7 +703,7 @@ def test_verify_failures_stay_with_their_connection(ca_dir):
     del server
     gc.collect()
     assert len(_openssl._holders) == before
-    assert tls.context._verify_helper is None      # pyOpenSSL's own callback (and its _problems list) is unused
+    assert tls.default.context._verify_helper is None      # pyOpenSSL's own callback (and its _problems list) is unused
 
 
 def test_crl_is_required_for_every_ca_in_the_chain(ca_dir, ca):
