@@ -366,6 +366,19 @@ def peer_certificate_subject(conn: SSL.Connection) -> list[tuple[str, str]] | No
         _lib.X509_free(cert)
 
 
+def peer_certificate_facts(conn: SSL.Connection) -> tuple[list, int | None, list] | None:
+    """(subject entries, serial number, issuer entries) of the client certificate, as
+    pg_stat_ssl shows them."""
+    cert = _lib.SSL_get_peer_certificate(conn._ssl)
+    if cert == _ffi.NULL:
+        return None
+    try:
+        return (_name_entries(_lib.X509_get_subject_name(cert)), _serial(cert),
+                _name_entries(_lib.X509_get_issuer_name(cert)))
+    finally:
+        _lib.X509_free(cert)
+
+
 ALPN_PROTOCOL = b"postgresql"
 
 

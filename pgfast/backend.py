@@ -61,6 +61,9 @@ _ALLOWED = {
     BackendState.CLOSING: {BackendState.CLOSED},
     BackendState.CLOSED: set(),
 }
+# PgBouncer's server states, for SHOW SERVERS and SHOW POOLS (sv_login, sv_active, ...)
+_CONSOLE_STATES = {BackendState.STARTING: "login", BackendState.SERVING: "active", BackendState.RESETTING: "tested",
+                   BackendState.IDLE: "idle", BackendState.CLOSING: "closing", BackendState.CLOSED: "closed"}
 
 
 class BackendConnection(asyncio.Protocol):
@@ -73,6 +76,8 @@ class BackendConnection(asyncio.Protocol):
         self.parameters: dict[str, str] = {}     # ParameterStatus values, as the client must see them
         self.notices: list[bytes] = []           # NoticeResponses sent during start-up
         self.created = time.monotonic()
+        self.connected_at = time.time()          # for the admin console
+        self.user = self.database = ""           # from its startup packet
         self.idle_since = 0.0
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
@@ -92,6 +97,14 @@ class BackendConnection(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self.state in (BackendState.CLOSING, BackendState.CLOSED)
+
+    def describe(self, link: str = "") -> dict:
+        """SHOW SERVERS's row (console.py); link: the client it serves."""
+        return {"user": self.user, "database": self.database, "state": _CONSOLE_STATES[self.state],
+                "addr": "unix", "port": 0, "local_addr": "", "local_port": 0, "connect_time": self.connected_at,
+                "ptr": f"{id(self):x}", "link": link, "remote_pid": self.pid, "tls": "",
+                "application_name": self.parameters.get("application_name", ""),
+                "pool_mode": "transaction" if self.pool is not None else "session", "worker": None}
 
     def _set_state(self, new: BackendState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -254,6 +267,9 @@ async def open_backend(socket_path: str, params: list[tuple[str, str]], on_close
     after its first ReadyForQuery. Raises BackendRefused with PostgreSQL's error."""
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_unix_connection(lambda: BackendConnection(on_closed), socket_path)
+    given = dict(params)
+    conn.user = given.get("user", "")
+    conn.database = given.get("database", conn.user)
     try:
         leftover = await conn._request(messages.startup_message(params))
     except BaseException:

@@ -5,6 +5,7 @@ States change only in _set_state(), along these edges (any state may go to CLOSI
     NEGOTIATING --SSLRequest 'S' / direct TLS--> TLS_HANDSHAKE --> STARTUP
     NEGOTIATING (plaintext) or STARTUP (inside TLS) --StartupMessage--> AUTHENTICATING
     AUTHENTICATING --authenticated--> CONNECTING --backend ready--> RELAYING
+    CONNECTING --the database is "pgfast", the role a console user's--> CONSOLE
     CLOSING --connection_lost--> CLOSED
 
 NEGOTIATING and STARTUP read startup packets as PostgreSQL's ProcessStartupPacket does
@@ -29,7 +30,7 @@ import struct
 import time
 import traceback
 
-from . import log, messages
+from . import console, log, messages
 from ._framing import ProtocolViolation, ReadBuffer
 from ._pump import TLSError
 from ._relay import Relay
@@ -63,6 +64,7 @@ class State(enum.Enum):
     AUTHENTICATING = "authenticating"   # pg_hba.conf and the authentication exchange
     CONNECTING = "connecting"           # authenticated; a backend is being found
     RELAYING = "relaying"
+    CONSOLE = "console"                 # authenticated to the admin console (console.py)
     CLOSING = "closing"                 # the transport is closing; nothing held any more
     CLOSED = "closed"
 
@@ -72,8 +74,9 @@ _ALLOWED = {
     State.TLS_HANDSHAKE: {State.STARTUP, State.CLOSING},
     State.STARTUP: {State.AUTHENTICATING, State.CLOSING},
     State.AUTHENTICATING: {State.CONNECTING, State.CLOSING},
-    State.CONNECTING: {State.RELAYING, State.CLOSING},
+    State.CONNECTING: {State.RELAYING, State.CONSOLE, State.CLOSING},
     State.RELAYING: {State.CLOSING},
+    State.CONSOLE: {State.CLOSING},
     State.CLOSING: {State.CLOSED},
     State.CLOSED: set(),
 }
@@ -114,6 +117,11 @@ class ClientConnection(asyncio.Protocol):
         self._input_ended = False           # it half-closed while logging in
         self._handshake_started = 0.0
         self._tls_version: str | None = None    # once its handshake is done
+        self._console: console.ConsoleSession | None = None
+        self._peer: tuple = ()                  # (address, port) of each end, for the admin console
+        self._connected_at = time.time()
+        self._mode = ""                         # the pool mode it was given
+        self._authenticated_at = 0.0
         metrics.count("client_connections", _STATE_LABELS[self._state])
 
     # --- state -------------------------------------------------------------------------
@@ -145,6 +153,8 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
                 return
             self._address = peer[0]
+            local = transport.get_extra_info("sockname")
+            self._peer = (peer[0], peer[1], local[0] if local else "", local[1] if local else 0)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._frontend.settings.authentication_timeout, self._on_timeout)
@@ -168,7 +178,7 @@ class ClientConnection(asyncio.Protocol):
         self._inbuf.feed_data(data)
         if self._state in _READING_STARTUP:
             self._do_negotiate()
-        elif self._inbuf.size() > _PREAUTH_LIMIT and not self._reading_paused:
+        elif self._inbuf.size() > _PREAUTH_LIMIT and not self._reading_paused and self._state in _LOGGING_IN:
             # what the client sent ahead of its login waits in the kernel, as it does for
             # PostgreSQL (which reads it only after authentication)
             self._reading_paused = True
@@ -435,14 +445,20 @@ class ClientConnection(asyncio.Protocol):
         return uid
 
     def authenticated(self) -> None:
+        self._authenticated_at = time.time()
         self._set_state(State.CONNECTING)
 
     async def _log_in(self, startup: StartupMessage, info: ClientInfo) -> None:
         frontend = self._frontend
         try:
             facts = await log_in(frontend, startup, info, self)
-            mode = frontend.pool_mode_for(startup, facts)
+            if startup.database == console.DATABASE and not startup.walsender:
+                await self._serve_console(startup, facts)
+                return
+            mode = self._mode = frontend.pool_mode_for(startup, facts)
             waiting_since = time.monotonic()
+            if self._frontend.is_paused(startup.database) and mode != "transaction":
+                await frontend.until_resumed(startup.database)
             if mode == "transaction":
                 pool = frontend.tx_pools.pool_for(
                     pool_key(facts.session_rules, startup.params), startup.params,
@@ -452,7 +468,9 @@ class ClientConnection(asyncio.Protocol):
             else:
                 rules = facts.session_rules if mode == "session" else None
                 backend, leftover = await frontend.pool.acquire(startup.params, rules)
-                metrics.observe("pool_wait_seconds", time.monotonic() - waiting_since, mode)
+                waited = time.monotonic() - waiting_since
+                metrics.observe("pool_wait_seconds", waited, mode)
+                frontend.assigned(startup.database, waited)
         except Refused as refusal:
             self.refuse(refusal)
         except ClientGone:
@@ -473,6 +491,66 @@ class ClientConnection(asyncio.Protocol):
                 self._start_transaction_pooling(pool, params)
             else:
                 self._start_relaying(backend, leftover)
+
+    # --- the admin console ---------------------------------------------------------------
+
+    async def _serve_console(self, startup: StartupMessage, facts) -> None:
+        credentials = facts.credentials if facts is not None else None
+        if credentials is None or not credentials.can_login:
+            raise Refused("28000", f'role "{startup.user}" does not exist' if credentials is None
+                          else f'role "{startup.user}" is not permitted to log in')
+        role = console.role_of(self._frontend.settings.pgfast, startup.user)
+        if role is None:
+            raise Refused("28000", "not allowed",
+                          log_detail=f'Role "{startup.user}" is not in pgfast.console_users or pgfast.stats_users.')
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        pid, key = self._frontend.cancel_keys.issue_virtual(self, startup.cancel_key_length)
+        self._cancel_pid = pid
+        self._console = console.ConsoleSession(self, self._frontend, role)
+        self._set_state(State.CONSOLE)
+        self._send(b"".join([messages.AUTHENTICATION_OK,
+                             *(messages.parameter_status(k, v) for k, v in console.PARAMETERS.items()),
+                             messages.backend_key_data(pid, key), messages.READY_IDLE]))
+        await self._console.run()
+
+    @property
+    def database(self) -> str | None:
+        return self._startup.database if self._startup is not None else None
+
+    def describe(self) -> dict:
+        """SHOW CLIENTS's row (console.py), with the backend it holds (under "backend", its id)
+        and its TLS facts."""
+        startup = self._startup
+        state = self._state
+        backend = self._backend
+        waiting_since = None
+        if state is State.CONNECTING:
+            label, waiting_since = "waiting", self._authenticated_at
+        elif state in (State.RELAYING, State.CONSOLE):
+            label = "active"
+            if self._tx is not None:
+                backend = self._tx.backend
+                since = self._tx.waiting_since
+                if since is not None:
+                    label, waiting_since = "waiting", time.time() - (time.monotonic() - since)
+                elif backend is None:
+                    label = "idle"
+        elif state in _ENDING:
+            label = "closing"
+        else:
+            label = "login"
+        address, port, local_address, local_port = self._peer or ("unix", 0, "", 0)
+        tls = self._tls.facts() if self._tls is not None and state not in (State.TLS_HANDSHAKE, *_ENDING) else None
+        return {"user": startup.user if startup else "", "database": startup.database if startup else "",
+                "state": label, "addr": address, "port": port, "local_addr": local_address, "local_port": local_port,
+                "connect_time": self._connected_at, "waiting_since": waiting_since, "ptr": f"{id(self):x}",
+                "remote_pid": backend.pid if backend is not None else 0,
+                "backend": id(backend) if backend is not None else None,
+                "tls": f"{tls['version']}/{tls['cipher']}" if tls else "", "tls_facts": tls,
+                "application_name": dict(startup.params).get("application_name", "") if startup else "",
+                "pool_mode": "console" if self._console is not None else self._mode}
 
     # --- the relay ---------------------------------------------------------------------
 
@@ -533,7 +611,9 @@ class ClientConnection(asyncio.Protocol):
 
     def forward_cancel(self) -> None:
         """A CancelRequest with this session's key: for the backend running its work now."""
-        if self._tx is not None:
+        if self._console is not None:
+            self._console.cancel()
+        elif self._tx is not None:
             self._tx.forward_cancel()
         elif self._state is State.RELAYING and self._backend is not None:
             self._backend.forward_cancel(self._frontend.socket_path)

@@ -350,6 +350,9 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
     # Prometheus /metrics (metrics.py); None: off
     "pgfast.metrics_listen": (_listen_address, None),
+    # the admin console (console.py): roles that may run every command, or only SHOW
+    "pgfast.console_users": (_list(directories=False), ()),
+    "pgfast.stats_users": (_list(directories=False), ()),
     # PostgreSQL 19's server SNI (hosts.py), under names every PostgreSQL behind accepts;
     # with 19 behind, ssl_sni and hosts_file set them too
     "pgfast.ssl_sni": (_boolean, False),

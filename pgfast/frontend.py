@@ -10,6 +10,7 @@ from ._shared import CLIENTS
 from .cancel import CancelKeys
 from .catalog import Catalog
 from .client import ClientConnection
+from .console import WorkerLink
 from .config import ConfigError, Settings, parse_pgfast_setting
 from .memory import CHECK_SECONDS, Trimmer
 from .hba import HbaRules, IdentMap
@@ -24,7 +25,7 @@ class Frontend:
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
                  catalog: Catalog, pool: Pool, tx_pools: TransactionPools, socket_path: str, shared,
-                 worker: int = 0, workers: int = 1, cancel_socket_path=None):
+                 worker: int = 0, workers: int = 1, cancel_socket_path=None, admin_socket_path=None):
         self.settings = settings
         self.shared = shared                  # _shared.Shared: what workers count together
         self.worker = worker
@@ -48,6 +49,13 @@ class Frontend:
         self._trim_timer: asyncio.TimerHandle | None = None
         self.refusal: tuple[str, str] | None = None   # (sqlstate, message) new sessions are refused with
         self._idle: asyncio.Future | None = None
+        # the admin console (console.py): every worker's view, PAUSE, and what it counts
+        self.link = WorkerLink(self, admin_socket_path, workers)
+        self.request_reload = lambda: None     # worker.serve says how a reload is asked for
+        self.assignments: dict[str, list[int]] = {}      # database -> [backends assigned, microseconds waited]
+        self._paused: set[str] = set()                   # databases, or '*' for all
+        self._resumed: asyncio.Future | None = None
+        tx_pools.is_paused = self.is_paused
 
     def client_opened(self, client: ClientConnection) -> None:
         self.clients.add(client)
@@ -78,6 +86,7 @@ class Frontend:
         self._trim_timer = loop.call_later(CHECK_SECONDS, self._check_memory)
         if self.workers > 1:
             self._open_cancel_socket(loop)
+        await self.link.start()
         for sock in tcp_sockets:
             self._servers.append(await loop.create_server(lambda: ClientConnection(self, local=False), sock=sock))
         for sock, _path in unix_sockets:
@@ -132,6 +141,51 @@ class Frontend:
         self.sessions -= 1
         self.shared.give(CLIENTS)
 
+    # --- the admin console's commands, on this worker ------------------------------------
+
+    def assigned(self, database: str, waited: float) -> None:
+        """A backend was assigned to a client (a session, or a transaction), after waiting."""
+        entry = self.assignments.get(database)
+        if entry is None:
+            entry = self.assignments[database] = [0, 0]
+        entry[0] += 1
+        entry[1] += int(waited * 1e6)
+
+    def is_paused(self, database: str) -> bool:
+        return bool(self._paused) and ("*" in self._paused or database in self._paused)
+
+    def pause(self, database: str) -> None:
+        self._paused.add(database)
+
+    def resume(self, database: str) -> None:
+        if database == "*":
+            self._paused.clear()
+        else:
+            self._paused.discard(database)
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
+        self.tx_pools.resumed(database)
+
+    async def until_resumed(self, database: str) -> None:
+        """A session-pooled login waits here while its database is paused."""
+        while self.is_paused(database):
+            if self._resumed is None:
+                self._resumed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._resumed)
+
+    def kill(self, database: str) -> int:
+        """The console's KILL: every client of the database goes (with PostgreSQL's words for
+        pg_terminate_backend), and idle backends with them."""
+        killed = 0
+        for client in list(self.clients):
+            if client.database == database:
+                client.terminate("57P01", "terminating connection due to administrator command")
+                killed += 1
+        self.pool.retire_idle()
+        self.tx_pools.retire_idle()
+        return killed
+
     def cancel(self, request: CancelRequest) -> None:
         """A CancelRequest, for whichever worker issued its key."""
         owner = self.shared.owner_of(request.pid) if self.workers > 1 else None
@@ -179,6 +233,7 @@ class Frontend:
             self._trim_timer.cancel()
         for server in self._servers:
             server.close()
+        self.link.close()
         self.pool.begin_shutdown()
         self.tx_pools.begin_shutdown()
         for client in list(self.clients):

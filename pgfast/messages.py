@@ -64,3 +64,32 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
         if part:
             fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
     return fields
+
+
+# --- result sets (the admin console answers its queries itself) -------------------------
+
+_INT8_OID, _TEXT_OID = 20, 25
+
+
+def row_description(columns: list[tuple[str, bool]]) -> bytes:
+    """RowDescription for (name, is_integer) columns, every one in text format."""
+    fields = [struct.pack("!h", len(columns))]
+    for name, integer in columns:
+        fields.append(name.encode() + b"\0" + struct.pack("!ihihih", 0, 0, _INT8_OID if integer else _TEXT_OID,
+                                                          8 if integer else -1, -1, 0))
+    return message(b"T", b"".join(fields))
+
+
+def data_row(values: list[object]) -> bytes:
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
+        if value is None:
+            parts.append(struct.pack("!i", -1))
+        else:
+            encoded = str(value).encode("utf-8", "surrogateescape")
+            parts.append(struct.pack("!i", len(encoded)) + encoded)
+    return message(b"D", b"".join(parts))
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", tag.encode() + b"\0")

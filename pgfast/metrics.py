@@ -41,7 +41,7 @@ _REASON_WORDS = (
     ("application protocol", "no_alpn"),
 )
 CLIENT_STATES = ("negotiating", "tls_handshake", "startup", "authenticating", "connecting",
-                 "relaying", "closing")
+                 "relaying", "console", "closing")
 # "none": no pg_hba.conf line let the client in (no entry, or reject)
 AUTH_METHODS = ("trust", "password", "md5", "scram-sha-256", "cert", "peer", "none")
 AUTH_RESULTS = ("ok", "failed")

@@ -69,6 +69,9 @@ class Pool:
     def size(self) -> int:
         return len(self._backends)
 
+    def backends(self) -> list[BackendConnection]:
+        return list(self._backends)
+
     @staticmethod
     def _key(params: list[tuple[str, str]], rules: SessionRules | None) -> tuple | None:
         """None (never pooled): no rules (pool_mode none, a walsender, catalogs that could

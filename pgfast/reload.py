@@ -20,7 +20,7 @@ from .tls import load_server_tls
 
 # what pgfast reads at start only (PostgreSQL's PGC_POSTMASTER, and pgfast's own)
 _RESTART_FIELDS = ("listen_addresses", "port", "unix_socket_directories", "max_connections")
-_RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen",
+RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen",
                    "pgfast.hosts_file")
 
 
@@ -57,7 +57,7 @@ def reload(service, *, quiet: bool = False) -> None:
             _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')
         kept[name] = getattr(old, name)
     pgfast = dict(new.pgfast)
-    for name in _RESTART_PGFAST:
+    for name in RESTART_PGFAST:
         said = (in_files if name in in_files.raw else new).pgfast[name]
         if said != old.pgfast[name]:
             _emit(quiet, f'parameter "{name}" cannot be changed without restarting the server')

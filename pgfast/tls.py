@@ -111,6 +111,18 @@ class TLSSession:
     def alpn(self) -> bytes | None:
         return self.connection.get_alpn_proto_negotiated() or None
 
+    def facts(self) -> dict:
+        """What pg_stat_ssl would show of the session, and the server name asked for (SHOW TLS)."""
+        conn = self.connection
+        peer = _openssl.peer_certificate_facts(conn)
+        subject, serial, issuer = peer if peer is not None else (None, None, None)
+        sni = conn.get_servername()
+        alpn = self.alpn()
+        return {"version": self.version, "cipher": conn.get_cipher_name(), "bits": conn.get_cipher_bits(),
+                "sni": sni.decode("ascii", "replace") if sni else None,
+                "alpn": alpn.decode("ascii", "replace") if alpn else None,
+                "client_dn": _slash_form(subject), "client_serial": serial, "issuer_dn": _slash_form(issuer)}
+
     @property
     def version(self) -> str:
         return self.connection.get_protocol_version_name()
@@ -392,6 +404,13 @@ def _loggable_name(entries: list[tuple[str, str]]) -> str:
     if len(text) > 71:
         text = b"..." + text[-68:]   # the end holds the most specific field, usually the CN
     return "".join(chr(b) if 32 <= b <= 126 else f"\\x{b:02x}" for b in text)
+
+
+def _slash_form(entries: list[tuple[str, str]] | None) -> str | None:
+    """X509_NAME_to_cstring's "/CN=..." form, as pg_stat_ssl shows a name."""
+    if entries is None:
+        return None
+    return "".join(f"/{field}={value}" for field, value in entries)
 
 
 def _escape_rfc2253(value: str) -> str:

@@ -61,6 +61,8 @@ class _Waiter:
 class _Pool:
     def __init__(self, key: tuple, params: tuple, description: str, size: int):
         self.key = key
+        given = dict(params)
+        self.database = given.get("database", given.get("user", ""))
         # the key's name in the counters shared by workers (Python's hash() is per process)
         self.shared_key = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big") >> 1
         self.params = list(params)
@@ -75,6 +77,12 @@ class _Pool:
         # started with: read from a backend once, so a busy pool still greets at once
         self.greetings: dict[tuple, dict[str, str]] = {}
         self.sized_for_role = False           # pgfast.pool_size from ALTER ROLE/DATABASE: kept by reloads
+        self.assignments = 0                  # backends lent, and the microseconds clients waited for them
+        self.wait_us = 0
+
+    def assigned(self, waited: float) -> None:
+        self.assignments += 1
+        self.wait_us += int(waited * 1e6)
 
 
 class TransactionPools:
@@ -100,6 +108,8 @@ class TransactionPools:
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
+        # the admin console's PAUSE: database -> paused (frontend.Frontend.is_paused)
+        self.is_paused = lambda database: False
 
     def configure(self, pgfast: dict) -> None:
         """Settings read again by a reload; pools sized by ALTER ROLE/DATABASE keep theirs."""
@@ -119,6 +129,9 @@ class TransactionPools:
     @property
     def size(self) -> int:
         return len(self._backends)
+
+    def backends(self) -> list[BackendConnection]:
+        return list(self._backends)
 
     def pools(self) -> list[_Pool]:
         return list(self._pools.values())
@@ -143,8 +156,9 @@ class TransactionPools:
 
     def lend(self, pool: _Pool, client) -> BackendConnection | None:
         """A backend for the client's next transaction, or None: the client waits, and
-        client.backend_ready(backend) or client.backend_unavailable(refusal) follows."""
-        while pool.idle:
+        client.backend_ready(backend) or client.backend_unavailable(refusal) follows.
+        While the pool's database is paused every client waits."""
+        while pool.idle and not self.is_paused(pool.database):
             backend = pool.idle.pop()
             if self._usable(backend):
                 backend.lend()
@@ -214,6 +228,8 @@ class TransactionPools:
     def _grow(self, pool: _Pool) -> None:
         """Open backends for the clients waiting, within the pool's size (or its reserve,
         for clients that have waited long enough) and what PostgreSQL can take."""
+        if self.is_paused(pool.database):
+            return
         limit = pool.size
         if pool.waiters and self._reserve_size and time.monotonic() - pool.waiters[0].since >= self._reserve_timeout:
             limit += self._reserve_size
@@ -306,7 +322,7 @@ class TransactionPools:
             # and the other worker opens it
             backend.close()
             return
-        while pool.waiters:
+        while pool.waiters and not self.is_paused(pool.database):
             waiter = pool.waiters.popleft()
             waiter.timer.cancel()
             self._waiting_changed(pool)
@@ -317,6 +333,15 @@ class TransactionPools:
         pool.idle.append(backend)
         if self._balance:
             self._schedule_balance()
+
+    def resumed(self, database: str) -> None:
+        """The console's RESUME: the clients waiting in the database's pools (every pool's
+        for '*') get the idle backends, then new ones."""
+        for pool in self._pools.values():
+            if database in ("*", pool.database):
+                while pool.waiters and pool.idle:
+                    self._hand_out(pool.idle.pop())
+                self._grow(pool)
 
     # --- taking back -----------------------------------------------------------------
 

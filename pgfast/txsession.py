@@ -134,6 +134,16 @@ class TransactionSession:
     def state(self) -> TxState:
         return self._state
 
+    @property
+    def backend(self):
+        """The backend lent for the client's transaction now, if any."""
+        return self._backend
+
+    @property
+    def waiting_since(self) -> float | None:
+        """time.monotonic() when it began waiting for a backend, while it waits."""
+        return self._since if self._state is TxState.WAITING else None
+
     # --- backends (called by the relay and the pool) -----------------------------------
 
     def need_backend(self) -> None:
@@ -150,6 +160,7 @@ class TransactionSession:
         self._set_state(TxState.ACTIVE)
         now = time.monotonic()
         metrics.observe("pool_wait_seconds", now - self._since, "transaction")
+        self._pool.assigned(now - self._since)
         self._since = now
         self._backend = backend
         self.relay.attach(backend)

@@ -58,6 +58,9 @@ class Service:
     def cancel_socket_path(self, worker: int) -> str:
         return os.path.join(self.socket_dir, f"cancel.{worker}")
 
+    def admin_socket_path(self, worker: int) -> str:
+        return os.path.join(self.socket_dir, f"console.{worker}")
+
 
 class _Stopper:
     """The shutdown asked for so far: only ever more urgent (shutdown.Mode), with what
@@ -144,7 +147,9 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         pool, tx_pools = _pools(service)
         frontend = Frontend(service.settings, service.hba, service.ident, service.tls, catalog, pool, tx_pools,
                             service.socket_path, service.shared, index, service.workers,
-                            service.cancel_socket_path)
+                            service.cancel_socket_path, service.admin_socket_path)
+        # the console's RELOAD: what SIGHUP does (under a supervisor, it tells every worker)
+        frontend.request_reload = lambda: os.kill(os.getppid() if supervised else os.getpid(), signal.SIGHUP)
         await frontend.serve(tcp_sockets, service.unix_sockets)
 
         def on_sighup() -> None:
