@@ -87,7 +87,7 @@ def _ratio(values: list[float]) -> str:
     return f"{med:.2f}× ({min(values):.2f}–{max(values):.2f})"
 
 
-_PREFIX = re.compile(r"^\S+ \S+ \S+ \[\d+\] ")
+_PREFIX = re.compile(r"^\S+ \S+ \S+ \[\d+\] (?:\S+\(\d+\) |\[local\] )?")
 _NUMBERS = re.compile(r"\d+")
 
 

@@ -54,6 +54,7 @@ cdef class TxRelay:
     cdef readonly int tx_status       # of the last ReadyForQuery the client was sent
     cdef readonly bint client_done
     cdef readonly long long client_messages   # framed so far: tells one idle moment from the next
+    cdef public str identity          # SQL giving a backend the client's identity (identity.py), or None
 
     cdef int _push(self, unsigned char kind, unsigned char action) except -1
     cdef _client_message(self, bytes msg)

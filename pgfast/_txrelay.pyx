@@ -360,6 +360,7 @@ cdef class TxRelay:
         self.tx_status = b'I'
         self.client_done = False
         self.client_messages = 0
+        self.identity = None
 
     def __dealloc__(self):
         free(self._pending)
@@ -873,6 +874,10 @@ cdef class TxRelay:
         out = []
         settings = [f"SET {name} TO $pgfast${self._params[name]}$pgfast$"
                     for name in TRACKED if name in self._params and self._backend_params.get(name) != self._params[name]]
+        if self.identity is not None and backend.identity != self.identity:
+            # re-asserted whenever the backend last served another client (or was reset)
+            settings.append(self.identity)
+            backend.identity = self.identity
         if settings:
             self._push(b'Q', ACT_SKIP)
             out.append(query_message("; ".join(settings)))

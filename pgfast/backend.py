@@ -78,6 +78,7 @@ class BackendConnection(asyncio.Protocol):
         self.created = time.monotonic()
         self.connected_at = time.time()          # for the admin console
         self.user = self.database = ""           # from its startup packet
+        self.identity: str | None = None         # the client identity SQL it last ran (identity.py)
         self.idle_since = 0.0
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
@@ -189,6 +190,7 @@ class BackendConnection(asyncio.Protocol):
 
     async def reset(self, query: str, timeout: float) -> None:
         """Run the reset query (DISCARD ALL); raises if it fails or takes longer than timeout."""
+        self.identity = None        # DISCARD ALL takes the client's identity settings too
         error = await self.run(query, timeout)
         if error is not None:
             raise ConnectionError(f"reset query failed: {error.get('M')}")

@@ -39,6 +39,7 @@ from ._txrelay import TxRelay
 from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
 from .errors import ClientGone, Refused
+from .identity import identity_sql
 from .login import log_in
 from .metrics import TLS_VERSIONS, handshake_failure_reason, metrics
 from .negotiation import (NEWEST_MINOR, BadCancelRequest, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage,
@@ -55,6 +56,7 @@ LOW_WATER = 128 * 1024
 _PREAUTH_LIMIT = 64 * 1024
 _TLS_RECORD_TYPE_HANDSHAKE = 0x16
 _NOT_ACCEPTING = "the database system is not accepting connections"
+IDENTITY_TIMEOUT = 10.0
 
 
 class State(enum.Enum):
@@ -122,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         self._connected_at = time.time()
         self._mode = ""                         # the pool mode it was given
         self._authenticated_at = 0.0
+        self._label = "[local]"                 # who the log lines are about: PostgreSQL's %r
         metrics.count("client_connections", _STATE_LABELS[self._state])
 
     # --- state -------------------------------------------------------------------------
@@ -155,12 +158,20 @@ class ClientConnection(asyncio.Protocol):
             self._address = peer[0]
             local = transport.get_extra_info("sockname")
             self._peer = (peer[0], peer[1], local[0] if local else "", local[1] if local else 0)
+            self._label = f"{peer[0]}({peer[1]})"
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._frontend.settings.authentication_timeout, self._on_timeout)
         self._frontend.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        token = log.CLIENT.set(self._label)     # for what the code it calls logs
+        try:
+            self._on_data(data)
+        finally:
+            log.CLIENT.reset(token)
+
+    def _on_data(self, data: bytes) -> None:
         if self._state is State.TLS_HANDSHAKE:
             self._do_handshake(data)
             return
@@ -188,7 +199,7 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self):
         if self._state in _READING_STARTUP and self._inbuf.size():
-            log.log("incomplete startup packet")
+            self.log_line("incomplete startup packet")
         if self._state not in _LOGGING_IN:
             return False
         # half-closed while logging in: what it sent is still served, and it still reads
@@ -257,7 +268,7 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, refusal: Refused) -> None:
         """FATAL to the client and to the server log (PostgreSQL logs what it sends)."""
-        log.fatal(refusal.message, detail=refusal.log_detail or refusal.detail, hint=refusal.hint)
+        self.log_line(refusal.message, "FATAL", detail=refusal.log_detail or refusal.detail, hint=refusal.hint)
         self._disconnect(messages.error(refusal.sqlstate, refusal.message, detail=refusal.detail, hint=refusal.hint))
 
     def backend_refused(self, refusal: BackendRefused) -> None:
@@ -268,7 +279,7 @@ class ClientConnection(asyncio.Protocol):
     def end_silently(self, message: str) -> None:
         """What PostgreSQL logs as COMMERROR (a client breaking the protocol, e.g. "invalid
         message length") and answers by closing without a word."""
-        log.log(message)
+        self.log_line(message)
         self._disconnect()
 
     def terminate(self, sqlstate: str, text: str) -> None:
@@ -279,13 +290,17 @@ class ClientConnection(asyncio.Protocol):
         if self._state in _LOGGING_IN:
             # PostgreSQL logs this FATAL but does not write to a client still
             # authenticating: the connection just closes
-            log.fatal("canceling authentication due to timeout")
+            self.log_line("canceling authentication due to timeout", "FATAL")
             self._disconnect()
         elif self._state in (State.NEGOTIATING, State.TLS_HANDSHAKE, State.STARTUP):
             # PostgreSQL's startup-packet timeout ends the connection without a word
             if self._state is State.TLS_HANDSHAKE:
                 metrics.count("tls_handshake_failures_total", "timeout")
             self._disconnect()
+
+    def log_line(self, message: str, level: str = "LOG", **kw) -> None:
+        """A server log line about this client (its address and port in the prefix)."""
+        log.emit(level, message, client=self._label, **kw)
 
     def _send(self, data: bytes) -> None:
         if self._tls is not None:
@@ -383,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             done = pump.handshake(data)
         except TLSError as exc:
-            log.log(f"could not accept SSL connection: {exc}", detail=self._tls.verify_failure_detail())
+            self.log_line(f"could not accept SSL connection: {exc}", detail=self._tls.verify_failure_detail())
             metrics.count("tls_handshake_failures_total", handshake_failure_reason(str(exc)))
             self._disconnect()
             return
@@ -426,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
             except ProtocolViolation:
                 # PostgreSQL reads the type, then fails the length (pq_getmessage logs it):
                 # the caller says what that means for its exchange
-                log.log("invalid message length")
+                self.log_line("invalid message length")
                 return self._inbuf.first_byte(), None
             if msg is not None:
                 return msg
@@ -449,6 +464,7 @@ class ClientConnection(asyncio.Protocol):
         self._set_state(State.CONNECTING)
 
     async def _log_in(self, startup: StartupMessage, info: ClientInfo) -> None:
+        log.CLIENT.set(self._label)     # the task's own context: what the login logs names the client
         frontend = self._frontend
         try:
             facts = await log_in(frontend, startup, info, self)
@@ -468,6 +484,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 rules = facts.session_rules if mode == "session" else None
                 backend, leftover = await frontend.pool.acquire(startup.params, rules)
+                if not startup.walsender and not leftover:
+                    await self._give_identity(backend)
                 waited = time.monotonic() - waiting_since
                 metrics.observe("pool_wait_seconds", waited, mode)
                 frontend.assigned(startup.database, waited)
@@ -484,13 +502,36 @@ class ClientConnection(asyncio.Protocol):
         except OSError as exc:
             self.refuse(Refused("57P03", _NOT_ACCEPTING, detail=f"pgfast could not reach PostgreSQL: {exc}"))
         except Exception as exc:    # a bug must not leave the client waiting for authentication_timeout
-            log.log(f"pgfast: unexpected {type(exc).__name__} while logging in a client (at {_where(exc)})")
+            self.log_line(f"pgfast: unexpected {type(exc).__name__} while logging in a client (at {_where(exc)})")
             self._disconnect()
         else:
             if mode == "transaction":
                 self._start_transaction_pooling(pool, params)
             else:
                 self._start_relaying(backend, leftover)
+
+    # --- the client's identity, for the backend (identity.py) ---------------------------
+
+    def _identity(self) -> str | None:
+        if not self._frontend.settings.pgfast["pgfast.client_identity"]:
+            return None
+        address, port = self._peer[:2] if self._peer else (None, None)
+        return identity_sql(address, port, self._tls.facts() if self._tls is not None else None)
+
+    async def _give_identity(self, backend: BackendConnection) -> None:
+        """Before the session's backend serves it; a failure here is the backend's."""
+        identity = self._identity()
+        if identity is None:
+            return
+        try:
+            error = await backend.run(identity, IDENTITY_TIMEOUT)
+        except BaseException:
+            backend.close()
+            raise
+        if error is not None:
+            backend.close()
+            raise OSError(f"setting the client's identity failed: {error.get('M')}")
+        backend.identity = identity
 
     # --- the admin console ---------------------------------------------------------------
 
@@ -591,6 +632,7 @@ class ClientConnection(asyncio.Protocol):
                              *(messages.parameter_status(k, v) for k, v in params.items()),
                              messages.backend_key_data(pid, key), messages.READY_IDLE]))
         self._relay = TxRelay(None, self.transport, self._tls.pump if self._tls else None, params)
+        self._relay.identity = self._identity()
         self._tx = TransactionSession(self, self._frontend.tx_pools, pool, self._relay,
                                       self._frontend.settings.pgfast["pgfast.idle_transaction_timeout"],
                                       self._frontend.socket_path)
@@ -629,7 +671,7 @@ class ClientConnection(asyncio.Protocol):
         self.connection_lost(None)
 
     def client_failed(self, exc: Exception) -> None:
-        log.log(f"could not receive data from client: {exc}")
+        self.log_line(f"could not receive data from client: {exc}")
         self._disconnect()
 
     def client_input_ended(self) -> None:
@@ -644,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
         self._disconnect()
 
     def backend_failed(self, exc: Exception) -> None:
-        log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
+        self.log_line(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
         self._backend.close()
         self._disconnect()
 

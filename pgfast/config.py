@@ -348,6 +348,8 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.reserve_pool_timeout": (_integer(0, 86400, seconds=True), 5),
     "pgfast.min_pool_size": (_integer(0, 100000), 0),
     "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
+    # give each backend its client's address and TLS facts as pgfast.* settings (identity.py)
+    "pgfast.client_identity": (_boolean, True),
     # Prometheus /metrics (metrics.py); None: off
     "pgfast.metrics_listen": (_listen_address, None),
     # the admin console (console.py): roles that may run every command, or only SHOW

@@ -1,6 +1,8 @@
-"""Server log lines in PostgreSQL's default style (log_line_prefix '%m [%p] ').
+"""Server log lines in PostgreSQL's default style (log_line_prefix '%m [%p] '), with the
+client's address and port (PostgreSQL's %r) on every line said about a client connection:
 
     2026-11-28 07:40:00.123 UTC [1234] LOG:  listening on IPv4 address "127.0.0.1", port 5432
+    2026-11-28 07:40:01.456 UTC [1234] 10.0.0.7(52114) FATAL:  no pg_hba.conf entry for ...
 
 Everything goes to stderr, one write per message so lines never interleave inside a
 line. PostgreSQL's own messages come through here too (postmaster.py reads its stderr).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import os
 import signal
 import sys
@@ -24,10 +27,16 @@ import time
 QUEUE_LIMIT = 10000      # messages waiting for the writer; beyond this they are dropped
 
 
-def _prefix() -> str:
+# the client a line is about ("host(port)", or "[local]"): set by the client connection for
+# its callbacks and its login task, so what auth, hba or cancel code logs names it too
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
+
+
+def _prefix(client: str | None = None) -> str:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
-    return f"{stamp}.{int(now * 1000) % 1000:03d} UTC [{os.getpid()}] "
+    client = client or CLIENT.get()
+    return f"{stamp}.{int(now * 1000) % 1000:03d} UTC [{os.getpid()}] " + (f"{client} " if client else "")
 
 
 def _write(data: bytes) -> None:
@@ -127,8 +136,8 @@ def write_raw(data: bytes) -> None:
 
 
 def emit(level: str, message: str, detail: str | None = None, hint: str | None = None,
-         context: str | None = None) -> None:
-    prefix = _prefix()
+         context: str | None = None, client: str | None = None) -> None:
+    prefix = _prefix(client)
     lines = [f"{prefix}{level}:  {message}\n"]
     if detail:
         lines.append(f"{prefix}DETAIL:  {detail}\n")

@@ -14,7 +14,6 @@ import asyncio
 import enum
 import time
 
-from . import log
 from ._txrelay import TRACKED, TxRelay
 from .backend import BackendRefused
 from .errors import Refused
@@ -240,7 +239,7 @@ class TransactionSession:
         self._set_state(TxState.IDLE)
 
     def backend_failed(self, exc: Exception) -> None:
-        log.log(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
+        self._client.log_line(f"pgfast dropped a backend connection (PID {self._backend.pid}): {exc}")
         self._backend.close()
         self._client.backend_lost()
 

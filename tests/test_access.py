@@ -382,7 +382,8 @@ def wait_for_log(server: Pgfast, pattern: str, timeout: float = 5) -> re.Match:
         time.sleep(0.02)
 
 
-LOG_PREFIX = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC \[\d+\] "
+# a line about a client names its address and port, as PostgreSQL's %r
+LOG_PREFIX = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC \[\d+\] 127\.0\.0\.1\(\d+\) "
 
 
 def assert_verify_failure_logged(server: Pgfast, pki: Pki, name: str, depth: int, reason: str,

@@ -4,6 +4,7 @@ pgfast.stats_users; nobody else."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 
 import certs
-from conftest import append_conf, psql, psql_script, tls_server, wait_until
+from conftest import append_conf, psql_script, tls_server, wait_until
 
 HBA = ("local all all trust\n"
        "hostssl all all 127.0.0.1/32 trust\n")
@@ -165,6 +166,9 @@ def test_who_may_do_what(bindir, console_server, pki, module_env):
     assert refused.returncode != 0 and "ERROR:  admin access needed" in refused.stderr
     refused = console(bindir, console_server, pki, "SHOW POOLS", module_env, user="nobody")
     assert refused.returncode != 0 and "FATAL:  not allowed" in refused.stderr
+    # the server log names the client refused, and why (only there: the role is not listed)
+    assert re.search(r"\] 127\.0\.0\.1\(\d+\) FATAL:  not allowed\n[^\n]*\] 127\.0\.0\.1\(\d+\) DETAIL:  "
+                     r'Role "nobody" is not in pgfast\.console_users or pgfast\.stats_users\.', console_server.log)
     refused = console(bindir, console_server, pki, "SHOW POOLS", module_env, user="ghost")
     assert refused.returncode != 0 and 'FATAL:  role "ghost" does not exist' in refused.stderr
     wrong = console(bindir, console_server, pki, "SHOW NOTHING", module_env)

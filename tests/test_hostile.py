@@ -1689,7 +1689,7 @@ def test_zy_every_session_slot_was_given_back(server):
     assert_serving(server)
 
 
-LOG_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] ([A-Z]+):  (.*)$")
+LOG_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] (?:\S+ )?([A-Z]+):  (.*)$")     # (?:client)
 BAD_SIGNS = ("Traceback", "Task was destroyed", "Exception in callback", "exception was never retrieved",
              "Fatal error on", "Unhandled error", "Fatal write error", "pgfast: unexpected",
              "pgfast dropped a backend connection", "RuntimeError", "Error on reading from")

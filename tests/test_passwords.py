@@ -255,7 +255,7 @@ def wait_log(server: Pgfast, mark: int, *texts: str, timeout: float = 5) -> str:
 
 def fatal_with_detail(message: str, detail: str) -> re.Pattern:
     """A FATAL line followed directly by its DETAIL line, as pgfast writes them."""
-    return re.compile(rf"\] FATAL:  {re.escape(message)}\n[^\n]*\] DETAIL:  {re.escape(detail)}\n")
+    return re.compile(rf"\] (?:\S+ )?FATAL:  {re.escape(message)}\n[^\n]*\] (?:\S+ )?DETAIL:  {re.escape(detail)}\n")
 
 
 def assert_logged(server: Pgfast, mark: int, message: str, detail: str | None = None) -> None:

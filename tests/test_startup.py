@@ -41,7 +41,7 @@ PERMISSIONS_DETAIL = ("File must have permissions u=rw (0600) or less if owned b
 FAIL_TIMEOUT = 20          # a failing start must end well within this
 ANY = object()             # expect_fatal: DETAIL/HINT not checked
 
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+ \[(\d+)\] ([A-Z0-9]+):  (.*)$")
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+ \[(\d+)\] (?:\S+ )?([A-Z0-9]+):  (.*)$")
 
 
 # ---------------------------------------------------------------- helpers

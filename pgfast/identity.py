@@ -1,0 +1,48 @@
+"""The client's identity, given to the backend serving it as custom settings.
+
+Behind pgfast, PostgreSQL sees every session come over a Unix socket without TLS:
+inet_client_addr() is NULL and pg_stat_ssl.ssl false. pgfast gives each backend what it
+knows of the client it serves, readable with current_setting('pgfast.client_addr', true):
+
+    pgfast.client_addr, pgfast.client_port            '' over a Unix socket
+    pgfast.ssl                                        'on' or 'off'
+    pgfast.ssl_version, pgfast.ssl_cipher             as pg_stat_ssl shows them
+    pgfast.ssl_client_dn, pgfast.ssl_client_serial    '' without a client certificate
+    pgfast.ssl_server_name                            the SNI name the client asked for
+
+They are re-asserted, not locked: PostgreSQL has no way to make a placeholder setting
+read-only, and a client can change any through set_config() however its SET statements
+are filtered. So pgfast sets them on every assignment (a session's backend, or under
+transaction pooling each transaction's whenever the backend last served someone else or
+was reset): what one client sets never reaches another's session, but a session can
+change its own view, as with application_name. Use them for logs and auditing, never to
+authorize (pg_hba.conf does that, at the front).
+"""
+from __future__ import annotations
+
+NAMES = ("client_addr", "client_port", "ssl", "ssl_version", "ssl_cipher", "ssl_client_dn",
+         "ssl_client_serial", "ssl_server_name")
+
+
+def _quoted(value: str) -> str:
+    """A dollar-quoted literal whose tag the value does not contain (a certificate's
+    subject is the client's to choose)."""
+    tag, n = "$pgfast$", 0
+    while tag in value:
+        n += 1
+        tag = f"$pgfast{n}$"
+    return f"{tag}{value}{tag}"
+
+
+def identity_sql(address: str | None, port: int | None, tls: dict | None) -> str:
+    """One statement giving a backend these values (tls: TLSSession.facts())."""
+    values = {"client_addr": address or "", "client_port": str(port) if port else "",
+              "ssl": "on" if tls else "off"}
+    if tls:
+        values.update(ssl_version=tls["version"], ssl_cipher=tls["cipher"] or "",
+                      ssl_client_dn=tls["client_dn"] or "",
+                      ssl_client_serial="" if tls["client_serial"] is None else str(tls["client_serial"]),
+                      ssl_server_name=tls["sni"] or "")
+    calls = ", ".join(f"pg_catalog.set_config('pgfast.{name}', {_quoted(values.get(name, ''))}, false)"
+                      for name in NAMES)
+    return f"SELECT {calls}"
