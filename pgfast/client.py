@@ -512,8 +512,9 @@ class ClientConnection(asyncio.Protocol):
 
     # --- the client's identity, for the backend (identity.py) ---------------------------
 
-    def _identity(self) -> str | None:
-        if not self._frontend.settings.pgfast["pgfast.client_identity"]:
+    def _identity(self, per_transaction: bool = False) -> str | None:
+        wanted = self._frontend.settings.pgfast["pgfast.client_identity"]
+        if wanted == "off" or (per_transaction and wanted != "on"):
             return None
         address, port = self._peer[:2] if self._peer else (None, None)
         return identity_sql(address, port, self._tls.facts() if self._tls is not None else None)
@@ -632,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
                              *(messages.parameter_status(k, v) for k, v in params.items()),
                              messages.backend_key_data(pid, key), messages.READY_IDLE]))
         self._relay = TxRelay(None, self.transport, self._tls.pump if self._tls else None, params)
-        self._relay.identity = self._identity()
+        self._relay.identity = self._identity(per_transaction=True)
         self._tx = TransactionSession(self, self._frontend.tx_pools, pool, self._relay,
                                       self._frontend.settings.pgfast["pgfast.idle_transaction_timeout"],
                                       self._frontend.socket_path)

@@ -217,6 +217,22 @@ def _enum(*options: str) -> _Parser:
     return parse
 
 
+def _boolean_or(word: str) -> _Parser:
+    """An enum of on, off and one more word, on and off spelled as any boolean (as
+    PostgreSQL's huge_pages takes true, yes, 1 ...); the value is 'on', 'off' or word."""
+    hint = f"Available values: off, on, {word}."
+
+    def parse(name: str, value: str) -> str:
+        if _lower(value.strip()) == word:
+            return word
+        try:
+            return "on" if _boolean(name, value) else "off"
+        except _BadValue:
+            raise _BadValue(f'invalid value for parameter "{name}": "{value}"', hint) from None
+
+    return parse
+
+
 _SCANNER_SPACE = " \t\n\r\f"
 _QUOTED_ELEMENT = re.compile(r'"((?:[^"]|"")*)"')
 
@@ -348,8 +364,11 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.reserve_pool_timeout": (_integer(0, 86400, seconds=True), 5),
     "pgfast.min_pool_size": (_integer(0, 100000), 0),
     "pgfast.idle_transaction_timeout": (_integer(0, 86400, seconds=True), 0),   # 0: off
-    # give each backend its client's address and TLS facts as pgfast.* settings (identity.py)
-    "pgfast.client_identity": (_boolean, True),
+    # give each backend its client's address and TLS facts as pgfast.* settings (identity.py):
+    # 'session' where a backend serves one client for a whole session (session pooling, none),
+    # 'on' also per transaction under transaction pooling, which costs PostgreSQL a statement
+    # for nearly every transaction
+    "pgfast.client_identity": (_boolean_or("session"), "session"),
     # Prometheus /metrics (metrics.py); None: off
     "pgfast.metrics_listen": (_listen_address, None),
     # the admin console (console.py): roles that may run every command, or only SHOW

@@ -115,7 +115,7 @@ def test_a_unix_socket_client_has_no_address(session_server, bindir, module_env)
 
 def test_transaction_pooling_reasserts_it_per_transaction(template_cluster, scratch_root, client_env, bindir, pki):
     server = start(template_cluster, scratch_root, client_env, bindir, pki,
-                   "pgfast.pool_mode = transaction\npgfast.pool_size = 1\n")
+                   "pgfast.pool_mode = transaction\npgfast.pool_size = 1\npgfast.client_identity = on\n")
     try:
         clients = [connect(server, pki) for _ in range(2)]
         ports = [str(local_port(conn)) for conn in clients]
