@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(exc.output)
         return 1
     except StartupError as exc:
+        for message, context in exc.preceding:
+            log.log(message, context=context)
         log.fatal(exc.message, detail=exc.detail, hint=exc.hint, context=exc.context)
         return 1
     except KeyboardInterrupt:

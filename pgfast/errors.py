@@ -14,6 +14,9 @@ class StartupError(Exception):
         self.detail = detail
         self.hint = hint
         self.context = context      # PostgreSQL's CONTEXT line: where in a file
+        # the LOG lines PostgreSQL writes before this error, as (message, context): a file's
+        # bad lines, each logged before the file is refused
+        self.preceding: list[tuple[str, str | None]] = []
 
 
 class ConfigError(StartupError):

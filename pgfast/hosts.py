@@ -3,7 +3,7 @@
     load_hosts(path) -> list[HostsLine] | None
         None when the file is missing or holds no entry (postgresql.conf's certificate then
         serves every connection); raises TLSSetupError with PostgreSQL's words when a line is
-        wrong, after logging each bad line as PostgreSQL does.
+        wrong, holding the LOG line PostgreSQL writes for each bad line (its `preceding`).
 
 A line is `HOSTNAMES CERTIFICATE KEY [CA [PASSPHRASE_COMMAND [PASSPHRASE_COMMAND_RELOAD]]]`,
 tokenized like pg_hba.conf (quotes, comma lists, @file inclusion). HOSTNAMES is a comma list of
@@ -18,7 +18,6 @@ import errno
 import os
 from dataclasses import dataclass
 
-from . import log
 from .hba import LineError, Token, read_text, tokenize
 from .errors import TLSSetupError
 
@@ -125,21 +124,23 @@ def load_hosts(path: str) -> list[HostsLine] | None:
         if e.errno == errno.ENOENT:
             return None
         message = f'could not open file "{path}": {e.strerror}'
-        log.log(message)
-        raise TLSSetupError(f'could not load "pg_hosts.conf": {message}') from None
-    lines, ok = [], True
+        refusal = TLSSetupError(f'could not load "pg_hosts.conf": {message}')
+        refusal.preceding.append((message, None))
+        raise refusal from None
+    lines, bad = [], []
     for line_no, _text, fields in tokenize(path, text):
         try:
             if isinstance(fields, LineError):
                 raise _BadLine(fields.message)
             lines.append(_parse_line(fields, line_no))
         except _BadLine as e:
-            # PostgreSQL logs every bad line, then refuses the file
-            log.log(str(e), context=_context(line_no, path))
-            ok = False
-    if not ok:
-        raise TLSSetupError(f'could not load "pg_hosts.conf": loading config from "{path}" '
-                            "failed due to parsing error")
+            bad.append((str(e), _context(line_no, path)))
+    if bad:
+        # PostgreSQL logs every bad line, then refuses the file
+        refusal = TLSSetupError(f'could not load "pg_hosts.conf": loading config from "{path}" '
+                                "failed due to parsing error")
+        refusal.preceding.extend(bad)
+        raise refusal
     if not lines:
         return None
     _check_names(lines, path)

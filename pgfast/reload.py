@@ -30,6 +30,8 @@ def _emit(quiet: bool, message: str, **kw) -> None:
 
 
 def _report(quiet: bool, exc: StartupError) -> None:
+    for message, context in exc.preceding:
+        _emit(quiet, message, context=context)
     _emit(quiet, exc.message, detail=exc.detail, hint=exc.hint, context=exc.context)
 
 

@@ -4,12 +4,11 @@ each entry gets every start-up check; the file's errors are PostgreSQL 19's word
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import signal
 import socket
 import ssl
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 import certs
-from conftest import Pgfast, append_conf, chown_tree, free_port, psql, psql_script, run_pgfast, server_major, wait_until, write_file
+from conftest import (Pgfast, chown_tree, psql, psql_script, run_pgfast, server_major, tls_server, wait_until,
+                      write_file)
 from pgfast import config
 from pgfast.errors import TLSSetupError
 from pgfast.tls import load_server_tls
@@ -167,15 +167,14 @@ def test_a_host_s_ca_asks_its_clients_for_certificates(hosts_dir):
     ("/no_sni/,a.localhost a.localhost.crt a.localhost.key\n",
      "default and non-SNI entries cannot be mixed with other entries", 1),
 ])
-def test_a_bad_line_is_logged_and_the_file_refused(hosts_dir, capfd, hosts, logged, context_line):
+def test_a_bad_line_is_logged_and_the_file_refused(hosts_dir, hosts, logged, context_line):
     with pytest.raises(TLSSetupError) as caught:
         load_server_tls(sni_settings(hosts_dir, hosts), db_uid=os.geteuid(), interactive=False)
     path = hosts_dir / "pg_hosts.conf"
     assert caught.value.message == (f'could not load "pg_hosts.conf": loading config from "{path}" '
                                     "failed due to parsing error")
-    err = capfd.readouterr().err
-    assert f"LOG:  {logged}\n" in err
-    assert f'CONTEXT:  line {context_line} of configuration file "{path}"' in err
+    # the LOG line PostgreSQL writes for the bad line first
+    assert caught.value.preceding == [(logged, f'line {context_line} of configuration file "{path}"')]
 
 
 @pytest.mark.parametrize("hosts, message, line", [
@@ -242,26 +241,18 @@ def test_host_names_from_an_at_file(hosts_dir):
 def sni_server(template_cluster, scratch_root, client_env, pki, bindir):
     """pgfast with ssl_sni on: a.localhost, b.localhost (+ c.localhost from an @file, and a
     CA for client certificates) and /no_sni/; no default entry."""
-    base = tempfile.mkdtemp(prefix="sni-", dir=scratch_root)
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    shutil.copytree(template_cluster, data, symlinks=True)
-    os.chmod(data, 0o700)
+    server = tls_server(template_cluster, scratch_root, "sni-", pki["ca"], HBA,
+                        "pgfast.ssl_sni = on\npassword_encryption = 'scram-sha-256'\n", client_env)
+    data = server.data_dir
     write_hosts_files(data, pki)
-    write_file(os.path.join(data, "server.crt"), pki["issued"]["server"].chain_pem().decode(), 0o644)
-    write_file(os.path.join(data, "server.key"), pki["issued"]["server"].key_pem().decode())
     write_file(os.path.join(data, "more-names"), "c.localhost\n")
     write_file(os.path.join(data, "pg_hosts.conf"),
                "# HOSTNAME  SSL CERTIFICATE  SSL KEY  SSL CA\n"
                "a.localhost a.localhost.crt a.localhost.key\n"
                "b.localhost,@more-names b.localhost.crt b.localhost.key client_ca.crt\n"
                "/no_sni/ nosni.localhost.crt nosni.localhost.key\n")
-    write_file(os.path.join(data, "pg_hba.conf"), HBA)
-    append_conf(data, "ssl = on\npgfast.ssl_sni = on\npassword_encryption = 'scram-sha-256'\n")
     chown_tree(data)
-    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=base)
-    os.chmod(socket_dir, 0o777)
-    server = Pgfast(data, free_port(), socket_dir, [], dict(client_env)).start()
+    server.start()
     created = psql_script(bindir, server, "create role scram login password 'pw'; create role alice login;\n"
                                           "create database certdb;\n", client_env)
     assert created.returncode == 0, created.stderr
@@ -320,10 +311,28 @@ def test_scram_channel_binding_uses_the_chosen_host_s_certificate(bindir, sni_se
 
 def test_a_reload_brings_new_entries_and_an_unreloadable_key_keeps_the_old(bindir, sni_server, pki, client_env):
     data = sni_server.data_dir
+    # a bad line: logged once with its place, the old configuration kept
+    hosts = os.path.join(data, "pg_hosts.conf")
+    with open(hosts) as f:
+        good = f.read()
+    write_file(hosts, good + "d.localhost d.crt\n")
+    sni_server.process.send_signal(signal.SIGHUP)
+    sni_server.wait_for("SSL configuration was not reloaded")
+    path = os.path.realpath(hosts)
+    assert re.search(r"LOG:  missing entry at end of line\n[^\n]*CONTEXT:  line 5 of configuration file "
+                     + re.escape(f'"{path}"') + r"\n[^\n]*LOG:  could not load \"pg_hosts\.conf\": loading config "
+                     r"from .* failed due to parsing error\n", sni_server.log), sni_server.log
+    assert sni_server.log.count("missing entry at end of line") == 1
+    write_file(hosts, good)
     with open(os.path.join(data, "pg_hosts.conf"), "a") as f:
         f.write("* default.localhost.crt default.localhost.key\n")
     sni_server.process.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: served_name(sni_server.port, "x.localhost") == "default.localhost", 10)
+    def served_default() -> bool:
+        try:
+            return served_name(sni_server.port, "x.localhost") == "default.localhost"
+        except ssl.SSLError:        # unrecognized_name, until the reload is in force
+            return False
+    assert wait_until(served_default, 10)
     # a key that needs a passphrase, without a command that may be run again
     certs.write(os.path.join(data, "a.localhost.key"), pki["issued"]["a.localhost"].key_pem(PASSPHRASE), 0o600)
     chown_tree(data)
@@ -357,3 +366,17 @@ def test_hosts_file_names_another_file(hosts_dir):
     (hosts_dir / "elsewhere.conf").write_text("* a.localhost.crt a.localhost.key\n")
     settings.pgfast["pgfast.hosts_file"] = "elsewhere.conf"
     assert chosen(load_server_tls(settings, db_uid=os.geteuid(), interactive=False), None)[0] == "a.localhost"
+
+
+def test_a_bad_file_stops_the_start_with_postgresql_s_lines(template_cluster, scratch_root, client_env, pki):
+    server = tls_server(template_cluster, scratch_root, "sni-bad-", pki["ca"], HBA, "pgfast.ssl_sni = on\n",
+                        client_env)
+    hosts = write_file(os.path.join(server.data_dir, "pg_hosts.conf"),
+                       "a.localhost a.crt a.key\n* x.crt\n*,b.localhost b.crt b.key\n")
+    result = run_pgfast("run", "-D", server.data_dir, "-p", str(server.port), env=client_env)
+    assert result.returncode == 1
+    path = os.path.realpath(hosts)
+    assert re.search(r"LOG:  missing entry at end of line\n[^\n]*CONTEXT:  line 2 of configuration file "
+                     + re.escape(f'"{path}"') + r"\n[^\n]*LOG:  default and non-SNI entries cannot be mixed with "
+                     r"other entries\n[^\n]*CONTEXT:  line 3 [^\n]*\n[^\n]*FATAL:  could not load \"pg_hosts\.conf\"",
+                     result.stderr), result.stderr
