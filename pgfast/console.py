@@ -5,7 +5,7 @@ database) as a role named in pgfast.console_users gets every command, in
 pgfast.stats_users the SHOW commands only; anyone else is refused. It speaks the simple
 query protocol and answers itself, never through a backend:
 
-    SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | CONFIG | TLS | WORKERS | VERSION
+    SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | DATABASES | LISTS | CONFIG | TLS | WORKERS | VERSION
     RELOAD | PAUSE [db] | RESUME [db] | KILL db
 
 Columns are named as PgBouncer's where the concept is the same, so its dashboards and
@@ -33,7 +33,7 @@ PARAMETERS = {"server_version": f"{__version__}/pgfast", "server_encoding": "UTF
 ASK_TIMEOUT = 2.0           # a worker that does not answer within this is left out
 _PAUSE_POLL = 0.05
 
-HELP = """SHOW HELP|POOLS|CLIENTS|SERVERS|STATS|CONFIG|TLS|WORKERS|VERSION
+HELP = """SHOW HELP|POOLS|CLIENTS|SERVERS|STATS|DATABASES|LISTS|CONFIG|TLS|WORKERS|VERSION
 RELOAD
 PAUSE [<db>]
 RESUME [<db>]
@@ -71,7 +71,8 @@ def _snapshot(frontend) -> dict:
         entry = stats.setdefault(pool.database, [0, 0])
         entry[0] += pool.assignments
         entry[1] += pool.wait_us
-    return {"worker": frontend.worker, "pid": os.getpid(), "clients": clients, "servers": servers, "stats": stats}
+    return {"worker": frontend.worker, "pid": os.getpid(), "clients": clients, "servers": servers, "stats": stats,
+            "paused": sorted(frontend.paused())}
 
 
 def answer_locally(frontend, command: str, args: list) -> dict:
@@ -155,7 +156,8 @@ class WorkerLink:
 _CLIENT_COLUMNS = ("type", "user", "database", "state", "addr", "port", "local_addr", "local_port",
                    "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link",
                    "remote_pid", "tls", "application_name", "pool_mode", "worker")
-_INTEGER = {"port", "local_port", "wait", "wait_us", "close_needed", "remote_pid", "worker", "pid",
+_INTEGER = {"items", "pool_size", "min_pool_size", "reserve_pool", "max_connections", "current_connections",
+            "paused", "disabled", "port", "local_port", "wait", "wait_us", "close_needed", "remote_pid", "worker", "pid",
             "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait",
             "maxwait_us", "clients", "sessions", "servers", "tls_clients", "bits",
             "total_server_assignment_count", "total_wait_time", "avg_wait_time", "client_serial"}
@@ -225,6 +227,39 @@ def _stats(snapshots: list[dict]) -> tuple[list[str], list[list]]:
             entry[1] += wait_us
     names = ["database", "total_server_assignment_count", "total_wait_time", "avg_wait_time"]
     return names, [[db, count, wait, wait // count if count else 0] for db, (count, wait) in sorted(totals.items())]
+
+
+def _databases(snapshots: list[dict], settings) -> tuple[list[str], list[list]]:
+    """PgBouncer's SHOW DATABASES for the databases pgfast serves now (it has no list of its
+    own: every database PostgreSQL has is served)."""
+    pgfast = settings.pgfast
+    paused = {name for s in snapshots for name in s["paused"]}
+    names = ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool",
+             "pool_mode", "max_connections", "current_connections", "paused", "disabled"]
+    seen = sorted({row["database"] for s in snapshots for row in [*s["clients"], *s["servers"]] if row["database"]})
+    rows = []
+    for database in seen:
+        servers = sum(1 for s in snapshots for row in s["servers"] if row["database"] == database)
+        rows.append([database, "", settings.port, database, "", pgfast["pgfast.pool_size"], pgfast["pgfast.min_pool_size"],
+                     pgfast["pgfast.reserve_pool_size"], pgfast["pgfast.pool_mode"], 0, servers,
+                     int("*" in paused or database in paused), 0])
+    return names, rows
+
+
+def _lists(snapshots: list[dict]) -> tuple[list[str], list[list]]:
+    """PgBouncer's SHOW LISTS: counts, one row each."""
+    clients = [row for s in snapshots for row in s["clients"]]
+    servers = [row for s in snapshots for row in s["servers"]]
+    _, pools = _pools(snapshots)
+    counts = [("databases", len({row["database"] for row in [*clients, *servers] if row["database"]})),
+              ("users", len({row["user"] for row in [*clients, *servers] if row["user"]})),
+              ("pools", len(pools)),
+              ("free_clients", 0),
+              ("used_clients", sum(1 for row in clients if row["state"] != "login")),
+              ("login_clients", sum(1 for row in clients if row["state"] == "login")),
+              ("free_servers", 0),
+              ("used_servers", len(servers))]
+    return ["list", "items"], [list(count) for count in counts]
 
 
 def _config(settings) -> tuple[list[str], list[list]]:
@@ -370,14 +405,17 @@ class ConsoleSession:
             return _result(["version"], [[f"pgfast {__version__}"]])
         if what == "CONFIG":
             return _result(*_config(self._frontend.settings))
-        if what not in ("POOLS", "CLIENTS", "SERVERS", "STATS", "TLS", "WORKERS"):
+        if what not in ("POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "LISTS", "TLS", "WORKERS"):
             raise CommandError("42601", f"invalid command 'SHOW {what}', use SHOW HELP;")
         snapshots = await self._frontend.link.everywhere("snapshot")
         if what == "CLIENTS":
             return _result(_CLIENT_COLUMNS, [r for s in snapshots for r in _connection_rows(s["clients"], "C")])
         if what == "SERVERS":
             return _result(_CLIENT_COLUMNS, [r for s in snapshots for r in _connection_rows(s["servers"], "S")])
-        return _result(*{"POOLS": _pools, "STATS": _stats, "TLS": _tls, "WORKERS": _workers}[what](snapshots))
+        if what == "DATABASES":
+            return _result(*_databases(snapshots, self._frontend.settings))
+        return _result(*{"POOLS": _pools, "STATS": _stats, "LISTS": _lists, "TLS": _tls,
+                         "WORKERS": _workers}[what](snapshots))
 
 
 def _result(names, rows: list[list]) -> bytes:

@@ -151,6 +151,9 @@ class Frontend:
         entry[0] += 1
         entry[1] += int(waited * 1e6)
 
+    def paused(self) -> set[str]:
+        return set(self._paused)
+
     def is_paused(self, database: str) -> bool:
         return bool(self._paused) and ("*" in self._paused or database in self._paused)
 

@@ -116,6 +116,13 @@ def test_show_clients_servers_and_pools_across_workers(bindir, console_server, p
         assert sum(int(row["cl_active"]) for row in app) == 8
         assert sum(int(row["sv_active"]) for row in app) == 1
         assert {row["pool_mode"] for row in app} == {"transaction"}
+        databases = {row["name"]: row for row in table(console(bindir, console_server, pki, "SHOW DATABASES",
+                                                                module_env))}
+        assert databases["app"]["pool_mode"] == "transaction" and databases["app"]["paused"] == "0"
+        assert int(databases["app"]["current_connections"]) >= 1
+        lists = {row["list"]: int(row["items"]) for row in table(console(bindir, console_server, pki, "SHOW LISTS",
+                                                                          module_env))}
+        assert lists["used_clients"] >= 9 and lists["pools"] >= 1 and lists["databases"] >= 2
         workers = table(console(bindir, console_server, pki, "SHOW WORKERS", module_env))
         assert [row["worker"] for row in workers] == ["0", "1"]
         assert len({row["pid"] for row in workers}) == 2
@@ -259,6 +266,8 @@ def test_reload_from_the_console(bindir, template_cluster, scratch_root, client_
         waiting = [row for row in table(console(bindir, server, pki, "SHOW POOLS", client_env))
                    if row["database"] == "app"]
         assert waiting[0]["cl_waiting"] == "1"
+        databases = {row["name"]: row for row in table(console(bindir, server, pki, "SHOW DATABASES", client_env))}
+        assert databases["app"]["paused"] == "1"
         assert console(bindir, server, pki, "RESUME app", client_env).returncode == 0
         thread.join(10)
         assert connected and connected[0].execute("select 1").fetchone() == (1,)
