@@ -473,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             mode = self._mode = frontend.pool_mode_for(startup, facts)
             waiting_since = time.monotonic()
-            if self._frontend.is_paused(startup.database) and mode != "transaction":
+            if frontend.is_paused(startup.database) and mode != "transaction":
                 await frontend.until_resumed(startup.database)
             if mode == "transaction":
                 pool = frontend.tx_pools.pool_for(
@@ -505,6 +505,12 @@ class ClientConnection(asyncio.Protocol):
             self.log_line(f"pgfast: unexpected {type(exc).__name__} while logging in a client (at {_where(exc)})")
             self._disconnect()
         else:
+            if self._state is not State.CONNECTING:
+                # the client left while its backend was readied, and the cancel was lost:
+                # asyncio.wait_for (Python 3.11) returns a result that came at the same moment
+                if mode != "transaction":
+                    backend.close()
+                return
             if mode == "transaction":
                 self._start_transaction_pooling(pool, params)
             else:

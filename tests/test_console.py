@@ -187,15 +187,21 @@ def test_who_may_do_what(bindir, console_server, pki, module_env):
         assert conn.execute("SHOW VERSION").fetchone()[0].startswith("pgfast ")   # and the session goes on
 
 
+def pause_behind(bindir, server, env, holder: psycopg.Connection, command: str) -> subprocess.Popen:
+    """holder in a transaction (so its backend is busy), then the PAUSE command, still waiting."""
+    holder.execute("begin")
+    holder.execute("select 1")
+    paused = subprocess.Popen([os.path.join(bindir, "psql"), "-X", "-d",
+                               server.dsn(user="admin", dbname="pgfast", sslmode="require"), "-c", command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.5)
+    return paused
+
+
 def test_pause_waits_for_busy_backends_and_resume_lets_clients_go(bindir, console_server, pki, module_env):
     holder, waiter = connect(console_server, pki), connect(console_server, pki)
     try:
-        holder.execute("begin")
-        holder.execute("select 1")
-        paused = subprocess.Popen([os.path.join(bindir, "psql"), "-X", "-d",
-                                   console_server.dsn(user="admin", dbname="pgfast", sslmode="require"), "-c", "PAUSE app"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=module_env)
-        time.sleep(0.5)
+        paused = pause_behind(bindir, console_server, module_env, holder, "PAUSE app")
         assert paused.poll() is None, "PAUSE returns only when no backend of the database is busy"
         answered = []
         thread = threading.Thread(target=lambda: answered.append(waiter.execute("select 42").fetchone()[0]))
@@ -215,12 +221,7 @@ def test_pause_waits_for_busy_backends_and_resume_lets_clients_go(bindir, consol
 
 def test_a_waiting_pause_can_be_cancelled(bindir, console_server, pki, module_env):
     with connect(console_server, pki) as holder:
-        holder.execute("begin")
-        holder.execute("select 1")
-        paused = subprocess.Popen([os.path.join(bindir, "psql"), "-X", "-d",
-                                   console_server.dsn(user="admin", dbname="pgfast", sslmode="require"), "-c", "PAUSE"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=module_env)
-        time.sleep(0.5)
+        paused = pause_behind(bindir, console_server, module_env, holder, "PAUSE")
         paused.send_signal(signal.SIGINT)        # psql sends a CancelRequest
         assert paused.wait(10) != 0
         assert "canceling statement due to user request" in paused.stderr.read()

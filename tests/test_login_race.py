@@ -86,3 +86,22 @@ def test_reset_mid_lookup_never_logs_in_as_another_role(server, ca, module_dir, 
     c.authenticate(password=ATTACKER_PASSWORD)
     assert c.query("select current_user") == [("attacker0",)]
     c.terminate()
+
+
+def test_reset_while_the_backend_is_readied(server):
+    """A client reset at any moment from its startup packet to its ReadyForQuery (the
+    catalog lookup, the backend's assignment, its identity statement) leaves nothing
+    behind: no login task that carries on for a connection already gone."""
+    rng = random.Random(9)
+    for _ in range(ROUNDS):
+        a = RawClient.connect(server.port)
+        a.startup(user="postgres", database="postgres")      # trust: straight to the backend
+        time.sleep(rng.uniform(0, 3e-3))
+        a.reset()
+    c = RawClient.connect(server.port)
+    c.startup(user="postgres", database="postgres")
+    c.authenticate()
+    assert c.query("select 1") == [("1",)]
+    c.terminate()
+    time.sleep(0.5)
+    assert "Task exception" not in server.log and "cannot go from" not in server.log, server.log
