@@ -543,6 +543,8 @@ class ClientConnection(asyncio.Protocol):
     # --- the admin console ---------------------------------------------------------------
 
     async def _serve_console(self, startup: StartupMessage, facts) -> None:
+        if self._state is not State.CONNECTING:
+            return          # gone meanwhile (see the end of _log_in)
         credentials = facts.credentials if facts is not None else None
         if credentials is None or not credentials.can_login:
             raise Refused("28000", f'role "{startup.user}" does not exist' if credentials is None
