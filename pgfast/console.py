@@ -157,10 +157,11 @@ _CLIENT_COLUMNS = ("type", "user", "database", "state", "addr", "port", "local_a
                    "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link",
                    "remote_pid", "tls", "application_name", "pool_mode", "worker")
 _INTEGER = {"items", "pool_size", "min_pool_size", "reserve_pool", "max_connections", "current_connections",
-            "paused", "disabled", "port", "local_port", "wait", "wait_us", "close_needed", "remote_pid", "worker", "pid",
+            "paused", "disabled", "port", "local_port", "wait", "wait_us", "close_needed", "remote_pid", "worker",
+            "pid",
             "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait",
             "maxwait_us", "clients", "sessions", "servers", "tls_clients", "bits",
-            "total_server_assignment_count", "total_wait_time", "avg_wait_time", "client_serial"}
+            "total_server_assignment_count", "total_wait_time", "avg_wait_time"}
 
 
 def _columns(names) -> list[tuple[str, bool]]:
@@ -179,10 +180,13 @@ def _connection_rows(rows: list[dict], kind: str) -> list[list]:
     for row in rows:
         waited = now - row["waiting_since"] if row.get("waiting_since") else 0.0
         out.append([kind, row["user"], row["database"], row["state"], row["addr"], row["port"], row["local_addr"],
-                    row["local_port"], _time(row["connect_time"]), _time(row.get("request_time") or row["connect_time"]),
+                    row["local_port"], _time(row["connect_time"]), _time(row["connect_time"]),
                     int(waited), int(waited * 1e6) % 1000000, 0, row["ptr"], row.get("link", ""),
                     row["remote_pid"], row["tls"], row["application_name"], row["pool_mode"], row["worker"]])
     return out
+
+
+_SERVER_COLUMNS = {"active": "sv_active", "idle": "sv_idle", "tested": "sv_tested", "login": "sv_login"}
 
 
 def _pools(snapshots: list[dict]) -> tuple[list[str], list[list]]:
@@ -206,7 +210,7 @@ def _pools(snapshots: list[dict]) -> tuple[list[str], list[list]]:
                 if row.get("waiting_since"):
                     entry["maxwait"] = max(entry["maxwait"], now - row["waiting_since"])
         for row in snapshot["servers"]:
-            column = {"active": "sv_active", "idle": "sv_idle", "tested": "sv_tested", "login": "sv_login"}.get(row["state"])
+            column = _SERVER_COLUMNS.get(row["state"])
             if column:
                 pool(row)[column] += 1
     names = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested",
@@ -240,9 +244,9 @@ def _databases(snapshots: list[dict], settings) -> tuple[list[str], list[list]]:
     rows = []
     for database in seen:
         servers = sum(1 for s in snapshots for row in s["servers"] if row["database"] == database)
-        rows.append([database, "", settings.port, database, "", pgfast["pgfast.pool_size"], pgfast["pgfast.min_pool_size"],
-                     pgfast["pgfast.reserve_pool_size"], pgfast["pgfast.pool_mode"], 0, servers,
-                     int("*" in paused or database in paused), 0])
+        rows.append([database, "", settings.port, database, "", pgfast["pgfast.pool_size"],
+                     pgfast["pgfast.min_pool_size"], pgfast["pgfast.reserve_pool_size"], pgfast["pgfast.pool_mode"], 0,
+                     servers, int("*" in paused or database in paused), 0])
     return names, rows
 
 
@@ -263,21 +267,23 @@ def _lists(snapshots: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def _config(settings) -> tuple[list[str], list[list]]:
-    rows = []
-    for name, (_parse, default) in sorted(PGFAST_SETTINGS.items()):
-        value = settings.raw.get(name)
-        rows.append([name, value if value is not None else _shown(settings.pgfast[name]), _shown(default),
-                     "no" if name in RESTART_PGFAST else "yes"])
+    """The values in force (a reload keeps a restart-only one), durations in seconds."""
+    rows = [[name, _shown(name, settings.pgfast[name]), _shown(name, default),
+             "no" if name in RESTART_PGFAST else "yes"]
+            for name, (_parse, default) in sorted(PGFAST_SETTINGS.items())]
     return ["key", "value", "default", "changeable"], rows
 
 
-def _shown(value) -> str:
+def _shown(name: str, value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, (tuple, list, frozenset)):
-        return ",".join(sorted(value)) if isinstance(value, frozenset) else ",".join(map(str, value))
+    if name == "pgfast.metrics_listen":
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(value, tuple):        # a list setting
+        return ",".join(value)
     return str(value)
 
 
@@ -299,7 +305,7 @@ def _workers(snapshots: list[dict]) -> tuple[list[str], list[list]]:
     names = ["worker", "pid", "clients", "sessions", "servers", "tls_clients"]
     rows = []
     for s in sorted(snapshots, key=lambda s: s["worker"]):
-        sessions = sum(1 for row in s["clients"] if row["state"] not in ("login",))
+        sessions = sum(1 for row in s["clients"] if row["state"] != "login")
         rows.append([s["worker"], s["pid"], len(s["clients"]), sessions, len(s["servers"]),
                      sum(1 for row in s["clients"] if row.get("tls_facts"))])
     return names, rows

@@ -35,7 +35,8 @@ def pki(tmp_path_factory):
     """One CA for the servers' certificates, another for client certificates; one certificate
     per server name, so a client can tell which host configuration served it."""
     ca, client_ca = certs.CA("SNI server CA"), certs.CA("SNI client CA")
-    issued = {name: ca.server_cert((name,)) for name in ("a.localhost", "b.localhost", "nosni.localhost", "default.localhost")}
+    issued = {name: ca.server_cert((name,))
+              for name in ("a.localhost", "b.localhost", "nosni.localhost", "default.localhost")}
     issued["server"] = ca.server_cert()
     client_dir = tmp_path_factory.mktemp("sni-client")
     alice = client_ca.client_cert("alice")
