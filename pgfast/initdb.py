@@ -39,6 +39,8 @@ CONF_BLOCK = """
 # Added by pgfast init
 ssl = on
 pgfast.admin_user = '{superuser}'
+# the admin console (dbname=pgfast): the superuser may already do anything
+pgfast.console_users = '{console_users}'
 """
 
 
@@ -119,7 +121,9 @@ def initialise(data_dir: str, bindir: str, account: Account, *, superuser: str |
 
 def _write_config(data_dir: str, account: Account, superuser: str, auth: str) -> None:
     with open(os.path.join(data_dir, "postgresql.conf"), "a") as f:
-        f.write(CONF_BLOCK.format(superuser=superuser.replace("'", "''")))
+        # a list setting's element is double-quoted, so any role name stays one element
+        listed = '"' + superuser.replace('"', '""') + '"'
+        f.write(CONF_BLOCK.format(superuser=superuser.replace("'", "''"), console_users=listed.replace("'", "''")))
     hba_path = os.path.join(data_dir, "pg_hba.conf")
     with open(hba_path, "w") as f:
         f.write(HBA_TEMPLATE.format(local=local_method(auth), host=auth))

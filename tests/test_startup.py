@@ -769,6 +769,10 @@ def test_init_superuser_name(scratch, client_env, servers, bindir):
                   "SELECT current_user || ' ' || rolsuper FROM pg_roles WHERE rolname = current_user", client_env)
     assert result.returncode == 0, result.stderr + server.log
     assert result.stdout.strip() == "alice true"
+    # init names the superuser in pgfast.console_users: the admin console works at once
+    console = psql(bindir, printed_connection_string(run.output, server.port).replace("dbname=postgres", "dbname=pgfast"),
+                   "SHOW VERSION", client_env)
+    assert console.returncode == 0 and console.stdout.startswith("pgfast "), console.stderr
     assert server.stop() == 0
 
 
