@@ -89,8 +89,9 @@ def answer_locally(frontend, command: str, args: list) -> dict:
 
 
 class WorkerLink:
-    """Each worker answers the others' console requests on its own Unix socket (one JSON
-    line each way), so a console shows and acts on all of them."""
+    """Each worker answers the others' console requests on its own Unix socket (a JSON line
+    in, a JSON document out until the answering worker closes), so a console shows and acts
+    on all of them."""
 
     def __init__(self, frontend, path_for, workers: int):
         self._frontend = frontend
@@ -129,7 +130,8 @@ class WorkerLink:
         try:
             writer.write(json.dumps({"command": command, "args": args}).encode() + b"\n")
             await writer.drain()
-            return json.loads(await reader.readline())
+            # to the end, not a line: a snapshot of 10,000 clients is megabytes, past readline's limit
+            return json.loads(await reader.read())
         finally:
             writer.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -132,6 +133,20 @@ def test_show_clients_servers_and_pools_across_workers(bindir, console_server, p
     finally:
         for conn in clients:
             conn.close()
+
+
+def test_every_worker_answers_however_many_clients_it_has(bindir, console_server, pki, module_env):
+    """A worker's snapshot of 600 clients is far past a line's 64 KiB: it still arrives whole."""
+    sockets = [socket.create_connection(("127.0.0.1", console_server.port), timeout=10) for _ in range(600)]
+    try:
+        def all_shown() -> bool:
+            rows = table(console(bindir, console_server, pki, "SHOW CLIENTS", module_env))
+            waiting = [row for row in rows if row["state"] == "login"]
+            return len(waiting) >= 600 and {row["worker"] for row in waiting} == {"0", "1"}
+        assert wait_until(all_shown, 20), _LAST_LOG
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_show_stats_counts_assignments(bindir, console_server, pki, module_env):
