@@ -79,6 +79,8 @@ def answer_locally(frontend, command: str, args: list) -> dict:
     """What this worker says or does for a console command."""
     if command == "snapshot":
         return _snapshot(frontend)
+    if command == "busy":
+        return {"busy": frontend.busy_backends(args[0])}
     if command == "pause":
         frontend.pause(args[0])
     elif command == "resume":
@@ -399,11 +401,7 @@ class ConsoleSession:
         command returns once no backend of it is busy on any worker, as PgBouncer's PAUSE."""
         link = self._frontend.link
         await link.everywhere("pause", [database])
-        while True:
-            snapshots = await link.everywhere("snapshot")
-            if not any(row["state"] == "active" and database in ("*", row["database"])
-                       for s in snapshots for row in s["servers"]):
-                return
+        while any(answer["busy"] for answer in await link.everywhere("busy", [database])):
             await asyncio.sleep(_PAUSE_POLL)
 
     async def _show(self, what: str) -> bytes:

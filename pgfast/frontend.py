@@ -8,6 +8,7 @@ import socket
 
 from ._shared import CLIENTS
 from .cancel import CancelKeys
+from .backend import BackendState
 from .catalog import Catalog
 from .client import ClientConnection
 from .console import WorkerLink
@@ -176,6 +177,11 @@ class Frontend:
             if self._resumed is None:
                 self._resumed = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._resumed)
+
+    def busy_backends(self, database: str) -> int:
+        """Backends of the database ('*': any) serving a client now, for the console's PAUSE."""
+        return sum(1 for backend in [*self.pool.backends(), *self.tx_pools.backends()]
+                   if backend.state is BackendState.SERVING and database in ("*", backend.database))
 
     def kill(self, database: str) -> int:
         """The console's KILL: every client of the database goes (with PostgreSQL's words for
