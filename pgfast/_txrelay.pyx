@@ -23,6 +23,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
 from pgfast._pump import TLSError
+from pgfast.literals import dollar_quoted
 
 cdef enum:
     ACT_FORWARD = 0
@@ -872,15 +873,17 @@ cdef class TxRelay:
         self._backend_params = backend.parameters
         backend.serve(BackendSide(self))
         out = []
-        settings = [f"SET {name} TO $pgfast${self._params[name]}$pgfast$"
+        settings = [f"SET {name} TO {dollar_quoted(self._params[name])}"
                     for name in TRACKED if name in self._params and self._backend_params.get(name) != self._params[name]]
-        if self.identity is not None and backend.identity != self.identity:
-            # re-asserted whenever the backend last served another client (or was reset)
-            settings.append(self.identity)
-            backend.identity = self.identity
         if settings:
             self._push(b'Q', ACT_SKIP)
             out.append(query_message("; ".join(settings)))
+        if self.identity is not None and backend.identity != self.identity:
+            # re-asserted whenever the backend last served another client (or was reset); a
+            # message of its own, so the tracked settings never depend on it
+            self._push(b'Q', ACT_SKIP)
+            out.append(query_message(self.identity))
+            backend.identity = self.identity
         waiting, self._waiting = self._waiting, []
         paused = self._waiting_bytes > WAITING_LIMIT
         self._waiting_bytes = 0

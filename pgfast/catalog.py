@@ -293,7 +293,7 @@ class Catalog:
     async def _current_session(self) -> CatalogSession:
         while self._session is None or self._session.state is not SessionState.OPEN:
             if self._opening is None:
-                self._opening = asyncio.get_running_loop().create_task(self._open())
+                self._opening = asyncio.get_running_loop().create_task(self._open(), context=log.detached())
                 self._opening.add_done_callback(_retrieve)
             # shielded: a waiter that gives up must not stop the session opening for the
             # others. The opening task itself records its outcome before it completes, so
@@ -313,7 +313,8 @@ class Catalog:
 
     def _schedule_idle_check(self) -> None:
         if self._idle_timer is None:
-            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._idle_check)
+            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._idle_check,
+                                                                     context=log.detached())
 
     def _idle_check(self) -> None:
         self._idle_timer = None

@@ -245,9 +245,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         """On the way into CLOSING, once: everything the connection holds goes."""
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self._cancel_timeout()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         self._task = None
@@ -297,6 +295,11 @@ class ClientConnection(asyncio.Protocol):
             if self._state is State.TLS_HANDSHAKE:
                 metrics.count("tls_handshake_failures_total", "timeout")
             self._disconnect()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
 
     def log_line(self, message: str, level: str = "LOG", **kw) -> None:
         """A server log line about this client (its address and port in the prefix)."""
@@ -473,8 +476,12 @@ class ClientConnection(asyncio.Protocol):
                 return
             mode = self._mode = frontend.pool_mode_for(startup, facts)
             waiting_since = time.monotonic()
-            if frontend.is_paused(startup.database) and mode != "transaction":
-                await frontend.until_resumed(startup.database)
+            if frontend.is_paused(startup.database):
+                # authenticated: a PAUSE may last, as PgBouncer's does, past authentication_timeout
+                # (under transaction pooling the pool's queue holds it, within query_wait_timeout)
+                self._cancel_timeout()
+                if mode != "transaction":
+                    await frontend.until_resumed(startup.database)
             if mode == "transaction":
                 pool = frontend.tx_pools.pool_for(
                     pool_key(facts.session_rules, startup.params), startup.params,
@@ -545,7 +552,10 @@ class ClientConnection(asyncio.Protocol):
     async def _serve_console(self, startup: StartupMessage, facts) -> None:
         if self._state is not State.CONNECTING:
             return          # gone meanwhile (see the end of _log_in)
-        credentials = facts.credentials if facts is not None else None
+        if facts is None:       # pg_hba did not need the catalogs, and they could not be read
+            raise Refused("57P03", _NOT_ACCEPTING,
+                          detail="pgfast could not read PostgreSQL's catalogs; the server log says why.")
+        credentials = facts.credentials
         if credentials is None or not credentials.can_login:
             raise Refused("28000", f'role "{startup.user}" does not exist' if credentials is None
                           else f'role "{startup.user}" is not permitted to log in')
@@ -553,12 +563,13 @@ class ClientConnection(asyncio.Protocol):
         if role is None:
             raise Refused("28000", "not allowed",
                           log_detail=f'Role "{startup.user}" is not in pgfast.console_users or pgfast.stats_users.')
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self._cancel_timeout()
         pid, key = self._frontend.cancel_keys.issue_virtual(self, startup.cancel_key_length)
         self._cancel_pid = pid
         self._console = console.ConsoleSession(self, self._frontend, role)
+        if self._reading_paused:        # what it sent ahead of its login is the console's now
+            self._reading_paused = False
+            self.transport.resume_reading()
         self._set_state(State.CONSOLE)
         self._send(b"".join([messages.AUTHENTICATION_OK,
                              *(messages.parameter_status(k, v) for k, v in console.PARAMETERS.items()),
@@ -605,9 +616,7 @@ class ClientConnection(asyncio.Protocol):
     # --- the relay ---------------------------------------------------------------------
 
     def _start_relaying(self, backend: BackendConnection, leftover: bytes) -> None:
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self._cancel_timeout()
         self._task = None
         self._backend = backend
         key = self._frontend.cancel_keys.issue(backend.pid, self, self._startup.cancel_key_length)
@@ -630,9 +639,7 @@ class ClientConnection(asyncio.Protocol):
     def _start_transaction_pooling(self, pool, params: dict[str, str]) -> None:
         """Greet the client with what one of its pool's backends said, then relay its
         messages to whichever backend the pool lends it for each transaction."""
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
+        self._cancel_timeout()
         self._task = None
         pid, key = self._frontend.cancel_keys.issue_virtual(self, self._startup.cancel_key_length)
         self._cancel_pid = pid

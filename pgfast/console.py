@@ -122,8 +122,8 @@ class WorkerLink:
             reply = answer_locally(self._frontend, request["command"], request.get("args", []))
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.log(f"pgfast: could not answer another worker's console request: {exc}")
+        except Exception as exc:        # the asking worker says the request did not reach this one
+            log.log(f"pgfast: could not answer another worker's console request: {exc!r}")
         finally:
             writer.close()
 
@@ -137,21 +137,27 @@ class WorkerLink:
         finally:
             writer.close()
 
-    async def everywhere(self, command: str, args: list = ()) -> list[dict]:
-        """Every worker's answer, this one's first; a worker that cannot answer (restarting)
-        is left out and logged."""
+    async def everywhere(self, command: str, args: list = (), every: bool = False) -> list[dict]:
+        """Every worker's answer, this one's first. A worker that cannot answer (restarting)
+        is left out and logged, or, with every (a command that changes something), the
+        console is told with CommandError."""
         args = list(args)
         answers = [answer_locally(self._frontend, command, args)]
         others = [w for w in range(self._workers) if w != self._frontend.worker]
         asked = await asyncio.gather(*(asyncio.wait_for(self._ask(w, command, args), ASK_TIMEOUT) for w in others),
                                      return_exceptions=True)
+        missing = []
         for worker, reply in zip(others, asked):
             if isinstance(reply, (OSError, ValueError, asyncio.TimeoutError)):
                 log.log(f"pgfast: worker {worker} did not answer a console request: {reply!r}")
+                missing.append(worker)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
                 answers.append(reply)
+        if every and missing:
+            raise CommandError("55000", f"{command.upper()} did not reach worker {', '.join(map(str, missing))}; "
+                                        "run it again")
         return answers
 
 
@@ -326,6 +332,8 @@ class ConsoleSession:
         self._frontend = frontend
         self._admin = role == "admin"
         self._running: asyncio.Task | None = None      # the command in progress (a PAUSE can wait)
+        # a CancelRequest came for it: its CancelledError is the client's ask, not the session ending
+        self._cancel_asked = False
 
     async def run(self) -> None:
         client = self._client
@@ -351,6 +359,7 @@ class ConsoleSession:
     def cancel(self) -> None:
         """A CancelRequest with the console session's key: a waiting PAUSE stops waiting."""
         if self._running is not None and not self._running.done():
+            self._cancel_asked = True
             self._running.cancel()
 
     async def _simple_query(self, sql: str) -> bytes:
@@ -366,12 +375,13 @@ class ConsoleSession:
                 out.append(messages.error(exc.sqlstate, exc.message, severity="ERROR"))
                 break
             except asyncio.CancelledError:
-                if not self._running.cancelled():
+                if not self._cancel_asked:
                     raise               # the session itself is ending
                 out.append(messages.error("57014", "canceling statement due to user request", severity="ERROR"))
                 break
             finally:
                 self._running = None
+                self._cancel_asked = False
         return b"".join(out)
 
     async def _statement(self, statement: str) -> bytes:
@@ -389,10 +399,10 @@ class ConsoleSession:
             if verb == "PAUSE":
                 await self._pause(target)
             else:
-                await self._frontend.link.everywhere("resume", [target])
+                await self._frontend.link.everywhere("resume", [target], every=True)
             return messages.command_complete(verb)
         if verb == "KILL" and len(words) == 2:
-            await self._frontend.link.everywhere("kill", [words[1]])
+            await self._frontend.link.everywhere("kill", [words[1]], every=True)
             return messages.command_complete("KILL")
         raise CommandError("42601", f"invalid command '{statement}', use SHOW HELP;")
 
@@ -400,8 +410,8 @@ class ConsoleSession:
         """New transactions (sessions, under session pooling) for the database wait; the
         command returns once no backend of it is busy on any worker, as PgBouncer's PAUSE."""
         link = self._frontend.link
-        await link.everywhere("pause", [database])
-        while any(answer["busy"] for answer in await link.everywhere("busy", [database])):
+        await link.everywhere("pause", [database], every=True)
+        while any(answer["busy"] for answer in await link.everywhere("busy", [database], every=True)):
             await asyncio.sleep(_PAUSE_POLL)
 
     async def _show(self, what: str) -> bytes:

@@ -22,6 +22,9 @@ from .txpool import TransactionPools
 from . import log
 
 
+_BUSY = (BackendState.STARTING, BackendState.SERVING, BackendState.RESETTING)
+
+
 class Frontend:
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
@@ -179,9 +182,10 @@ class Frontend:
             await asyncio.shield(self._resumed)
 
     def busy_backends(self, database: str) -> int:
-        """Backends of the database ('*': any) serving a client now, for the console's PAUSE."""
+        """Backends of the database ('*': any) that serve a client or are being readied for one
+        (starting, running a reset or the identity), for the console's PAUSE."""
         return sum(1 for backend in [*self.pool.backends(), *self.tx_pools.backends()]
-                   if backend.state is BackendState.SERVING and database in ("*", backend.database))
+                   if backend.state in _BUSY and database in ("*", backend.database))
 
     def kill(self, database: str) -> int:
         """The console's KILL: every client of the database goes (with PostgreSQL's words for
@@ -191,8 +195,8 @@ class Frontend:
             if client.database == database:
                 client.terminate("57P01", "terminating connection due to administrator command")
                 killed += 1
-        self.pool.retire_idle()
-        self.tx_pools.retire_idle()
+        self.pool.retire_idle(database)
+        self.tx_pools.retire_idle(database)
         return killed
 
     def cancel(self, request: CancelRequest) -> None:

@@ -20,18 +20,10 @@ authorize (pg_hba.conf does that, at the front).
 """
 from __future__ import annotations
 
+from .literals import dollar_quoted
+
 NAMES = ("client_addr", "client_port", "ssl", "ssl_version", "ssl_cipher", "ssl_client_dn",
          "ssl_client_serial", "ssl_server_name")
-
-
-def _quoted(value: str) -> str:
-    """A dollar-quoted literal whose tag the value does not contain (a certificate's
-    subject is the client's to choose)."""
-    tag, n = "$pgfast$", 0
-    while tag in value:
-        n += 1
-        tag = f"$pgfast{n}$"
-    return f"{tag}{value}{tag}"
 
 
 def identity_sql(address: str | None, port: int | None, tls: dict | None) -> str:
@@ -43,6 +35,8 @@ def identity_sql(address: str | None, port: int | None, tls: dict | None) -> str
                       ssl_client_dn=tls["client_dn"] or "",
                       ssl_client_serial="" if tls["client_serial"] is None else str(tls["client_serial"]),
                       ssl_server_name=tls["sni"] or "")
-    calls = ", ".join(f"pg_catalog.set_config('pgfast.{name}', {_quoted(values.get(name, ''))}, false)"
-                      for name in NAMES)
+    # a certificate's subject and the SNI name are the client's to choose: quoted so that no
+    # value can end its literal, and without NULs, which would end the query message
+    calls = ", ".join(f"pg_catalog.set_config('pgfast.{name}', "
+                      f"{dollar_quoted(values.get(name, '').replace(chr(0), ''))}, false)" for name in NAMES)
     return f"SELECT {calls}"

@@ -32,6 +32,12 @@ QUEUE_LIMIT = 10000      # messages waiting for the writer; beyond this they are
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
 
+def detached() -> contextvars.Context:
+    """A context for work that outlives the client whose callback started it (pool tasks,
+    timers, the catalog session): what it logs then names no client."""
+    return contextvars.Context()
+
+
 def _prefix(client: str | None = None) -> str:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))

@@ -81,7 +81,7 @@ class Pool:
         return rules.role_oid, rules.database_oid, tuple(sorted(params))
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=log.detached())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -210,7 +210,8 @@ class Pool:
 
     def _schedule_balance(self) -> None:
         if self._balance and self._balancer is None and not self._closing:
-            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance)
+            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance,
+                                                                   context=log.detached())
 
     def _rebalance(self) -> None:
         self._balancer = None
@@ -223,16 +224,19 @@ class Pool:
             oldest.close()
         self._schedule_balance()
 
-    def retire_idle(self) -> None:
-        """Let every idle backend go (their sessions would block database DDL)."""
-        idle = self._idle_backends()
-        self._idle.clear()
-        for backend in idle:
-            backend.close()
+    def retire_idle(self, database: str | None = None) -> None:
+        """Let every idle backend go (their sessions would block database DDL), or those of
+        one database."""
+        for key, idle in list(self._idle.items()):
+            keep = [b for b in idle if database is not None and b.database != database]
+            self._idle[key] = keep
+            for backend in idle:
+                if backend not in keep:
+                    backend.close()
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep, context=log.detached())
 
     def _sweep(self) -> None:
         self._sweeper = None

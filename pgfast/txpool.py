@@ -137,7 +137,7 @@ class TransactionPools:
         return list(self._pools.values())
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=log.detached())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -187,7 +187,8 @@ class TransactionPools:
 
     def _schedule_balance(self) -> None:
         if self._balancer is None and not self._closing:
-            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance)
+            self._balancer = asyncio.get_running_loop().call_later(_BALANCE_SECONDS, self._rebalance,
+                                                                   context=log.detached())
 
     def _owes_a_backend(self, pool: _Pool, holding: int) -> bool:
         """Holding this many of the pool's backends, this worker would hold more than its
@@ -204,6 +205,8 @@ class TransactionPools:
         self._balancer = None
         again = False
         for pool in self._pools.values():
+            if self.is_paused(pool.database):
+                continue            # its waiters wait for RESUME, not for room
             if pool.waiters:
                 self._grow(pool)
                 again = True
@@ -238,7 +241,8 @@ class TransactionPools:
                and self._shared.pool_take(pool.shared_key, limit)):
             self._open(pool)
         if pool.waiters and pool.count >= limit and self._reserve_size and pool.reserve_timer is None:
-            pool.reserve_timer = asyncio.get_running_loop().call_later(self._reserve_timeout, self._reserve_due, pool)
+            pool.reserve_timer = asyncio.get_running_loop().call_later(self._reserve_timeout, self._reserve_due, pool,
+                                                                       context=log.detached())
 
     def _reserve_due(self, pool: _Pool) -> None:
         pool.reserve_timer = None
@@ -338,7 +342,7 @@ class TransactionPools:
         """The console's RESUME: the clients waiting in the database's pools (every pool's
         for '*') get the idle backends, then new ones."""
         for pool in self._pools.values():
-            if database in ("*", pool.database):
+            if database in ("*", pool.database) and not self.is_paused(pool.database):
                 while pool.waiters and pool.idle:
                     self._hand_out(pool.idle.pop())
                 self._grow(pool)
@@ -389,7 +393,7 @@ class TransactionPools:
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None and not self._closing:
-            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep, context=log.detached())
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -405,12 +409,14 @@ class TransactionPools:
         if self._backends:
             self._schedule_sweep()
 
-    def retire_idle(self) -> None:
-        """Let every idle backend go (their sessions would block database DDL)."""
+    def retire_idle(self, database: str | None = None) -> None:
+        """Let every idle backend go (their sessions would block database DDL), or those of
+        one database."""
         for pool in self._pools.values():
-            idle, pool.idle = pool.idle, []
-            for backend in idle:
-                backend.close()
+            if database is None or pool.database == database:
+                idle, pool.idle = pool.idle, []
+                for backend in idle:
+                    backend.close()
 
     def begin_shutdown(self) -> None:
         self._closing = True

@@ -17,6 +17,7 @@ import time
 from ._txrelay import TRACKED, TxRelay
 from .backend import BackendRefused
 from .errors import Refused
+from .literals import dollar_quoted
 from .metrics import metrics
 
 _TRACKED_LOWER = {name.lower(): name for name in TRACKED}
@@ -52,7 +53,7 @@ def greeting_settings(params: list[tuple[str, str]], backend) -> str:
     for name in TRACKED:
         if name in given:
             if backend.parameters.get(name) != given[name]:
-                statements.append(f"SET {name} TO $pgfast${given[name]}$pgfast$")
+                statements.append(f"SET {name} TO {dollar_quoted(given[name])}")
         elif backend.parameters.get(name) != backend.startup_parameters.get(name):
             statements.append(f"RESET {name}")
     return "; ".join(statements)

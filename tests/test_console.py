@@ -240,6 +240,40 @@ def test_pause_waits_for_busy_backends_and_resume_lets_clients_go(bindir, consol
         waiter.close()
 
 
+def test_resume_of_one_database_leaves_a_pause_of_all_in_force(bindir, console_server, pki, module_env):
+    holder, waiter = connect(console_server, pki), connect(console_server, pki)
+    try:
+        paused = pause_behind(bindir, console_server, pki, module_env, holder, "PAUSE")
+        answered = []
+        thread = threading.Thread(target=lambda: answered.append(waiter.execute("select 7").fetchone()[0]))
+        thread.start()
+        holder.execute("commit")
+        assert paused.wait(10) == 0, paused.stderr.read()
+        assert console(bindir, console_server, pki, "RESUME app", module_env).returncode == 0
+        time.sleep(0.3)
+        assert not answered, "PAUSE (every database) is still in force"
+        assert console(bindir, console_server, pki, "RESUME", module_env).returncode == 0
+        thread.join(10)
+        assert answered == [7]
+    finally:
+        console(bindir, console_server, pki, "RESUME", module_env)
+        holder.close()
+        waiter.close()
+
+
+def test_a_console_client_killed_during_a_pause_leaves_nothing_behind(bindir, console_server, pki, module_env):
+    with connect(console_server, pki) as holder:
+        paused = pause_behind(bindir, console_server, pki, module_env, holder, "PAUSE app")
+        paused.kill()                                # psql gone for good, no cancel sent
+        paused.wait(10)
+        time.sleep(0.3)
+        holder.execute("commit")
+    assert console(bindir, console_server, pki, "RESUME", module_env).returncode == 0
+    assert table(console(bindir, console_server, pki, "SHOW VERSION", module_env))
+    for sign in ("Task was destroyed", "Task exception", "unexpected"):
+        assert sign not in console_server.log, console_server.log
+
+
 def test_a_waiting_pause_can_be_cancelled(bindir, console_server, pki, module_env):
     with connect(console_server, pki) as holder:
         paused = pause_behind(bindir, console_server, pki, module_env, holder, "PAUSE")
@@ -266,7 +300,7 @@ def test_kill_ends_every_client_of_the_database(bindir, console_server, pki, mod
 
 
 def test_reload_from_the_console(bindir, template_cluster, scratch_root, client_env, pki):
-    server = start(template_cluster, scratch_root, client_env, bindir, pki, "")
+    server = start(template_cluster, scratch_root, client_env, bindir, pki, "authentication_timeout = 2s\n")
     try:
         append_conf(server.data_dir, "pgfast.pool_size = 7")
         assert console(bindir, server, pki, "RELOAD", client_env).returncode == 0
@@ -283,7 +317,7 @@ def test_reload_from_the_console(bindir, template_cluster, scratch_root, client_
         connected = []
         thread = threading.Thread(target=lambda: connected.append(connect(server, pki)))
         thread.start()
-        time.sleep(0.5)
+        time.sleep(2.5)         # past authentication_timeout: a paused login is authenticated already
         assert not connected
         waiting = [row for row in table(console(bindir, server, pki, "SHOW POOLS", client_env))
                    if row["database"] == "app"]

@@ -117,7 +117,8 @@ def test_transaction_pooling_reasserts_it_per_transaction(template_cluster, scra
     server = start(template_cluster, scratch_root, client_env, bindir, pki,
                    "pgfast.pool_mode = transaction\npgfast.pool_size = 1\npgfast.client_identity = on\n")
     try:
-        clients = [connect(server, pki) for _ in range(2)]
+        # an application_name that would end a $pgfast$ literal early
+        clients = [connect(server, pki), connect(server, pki, application_name="x$pgfast")]
         ports = [str(local_port(conn)) for conn in clients]
         clients[0].execute("select set_config('pgfast.client_addr', '10.6.6.6', false)")
         errors = []
@@ -137,6 +138,7 @@ def test_transaction_pooling_reasserts_it_per_transaction(template_cluster, scra
         assert not errors, errors
         # one backend served both, each transaction with its own client's values
         assert identity(clients[1])["client_addr"] == "127.0.0.1"
+        assert clients[1].execute("show application_name").fetchone() == ("x$pgfast",)
         assert len({identity(conn)["pid"] for conn in clients}) == 1
         for conn in clients:
             conn.close()
