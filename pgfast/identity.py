@@ -12,11 +12,13 @@ knows of the client it serves, readable with current_setting('pgfast.client_addr
 
 They are re-asserted, not locked: PostgreSQL has no way to make a placeholder setting
 read-only, and a client can change any through set_config() however its SET statements
-are filtered. So pgfast sets them on every assignment (a session's backend, or under
-transaction pooling each transaction's whenever the backend last served someone else or
-was reset): what one client sets never reaches another's session, but a session can
-change its own view, as with application_name. Use them for logs and auditing, never to
-authorize (pg_hba.conf does that, at the front).
+are filtered. So pgfast sets them on every assignment (a session's backend, or, with
+pgfast.client_identity = on, each transaction's under transaction pooling whenever the
+backend last served someone else or was reset): what one client sets never reaches
+another's session, but a session can change its own view, as with application_name.
+Under transaction pooling without 'on' nothing is given, and what a client sets with
+set_config() stays on the backend, as any such setting does there. Use them for logs and
+auditing, never to authorize (pg_hba.conf does that, at the front).
 """
 from __future__ import annotations
 
