@@ -219,42 +219,27 @@ def pause_behind(bindir, server, pki, env, holder: psycopg.Connection, command: 
     return paused
 
 
-def test_pause_waits_for_busy_backends_and_resume_lets_clients_go(bindir, console_server, pki, module_env):
+@pytest.mark.parametrize("pause, resumes", [
+    ("PAUSE app", ["RESUME app"]),
+    ("PAUSE", ["RESUME app", "RESUME"]),        # RESUME of one database leaves a PAUSE of all in force
+], ids=["one", "all"])
+def test_pause_waits_for_busy_backends_and_resume_lets_clients_go(bindir, console_server, pki, module_env,
+                                                                  pause, resumes):
     holder, waiter = connect(console_server, pki), connect(console_server, pki)
     try:
-        paused = pause_behind(bindir, console_server, pki, module_env, holder, "PAUSE app")
+        paused = pause_behind(bindir, console_server, pki, module_env, holder, pause)
         assert paused.poll() is None, "PAUSE returns only when no backend of the database is busy"
         answered = []
         thread = threading.Thread(target=lambda: answered.append(waiter.execute("select 42").fetchone()[0]))
         thread.start()
         holder.execute("commit")
         assert paused.wait(10) == 0, paused.stderr.read()
-        time.sleep(0.3)
-        assert not answered, "a paused database's clients wait"
-        assert console(bindir, console_server, pki, "RESUME app", module_env).returncode == 0
+        for command in resumes:
+            time.sleep(0.3)
+            assert not answered, f"a paused database's clients wait (before {command})"
+            assert console(bindir, console_server, pki, command, module_env).returncode == 0
         thread.join(10)
         assert answered == [42]
-    finally:
-        console(bindir, console_server, pki, "RESUME", module_env)
-        holder.close()
-        waiter.close()
-
-
-def test_resume_of_one_database_leaves_a_pause_of_all_in_force(bindir, console_server, pki, module_env):
-    holder, waiter = connect(console_server, pki), connect(console_server, pki)
-    try:
-        paused = pause_behind(bindir, console_server, pki, module_env, holder, "PAUSE")
-        answered = []
-        thread = threading.Thread(target=lambda: answered.append(waiter.execute("select 7").fetchone()[0]))
-        thread.start()
-        holder.execute("commit")
-        assert paused.wait(10) == 0, paused.stderr.read()
-        assert console(bindir, console_server, pki, "RESUME app", module_env).returncode == 0
-        time.sleep(0.3)
-        assert not answered, "PAUSE (every database) is still in force"
-        assert console(bindir, console_server, pki, "RESUME", module_env).returncode == 0
-        thread.join(10)
-        assert answered == [7]
     finally:
         console(bindir, console_server, pki, "RESUME", module_env)
         holder.close()
