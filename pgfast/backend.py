@@ -24,6 +24,7 @@ import time
 
 from . import log, messages
 from ._framing import ReadBuffer
+from .negotiation import user_and_database
 
 # Start-up and reset replies are small; anything near this is a broken peer.
 _MESSAGE_LIMIT = 1 << 20
@@ -105,7 +106,7 @@ class BackendConnection(asyncio.Protocol):
                 "addr": "unix", "port": 0, "local_addr": "", "local_port": 0, "connect_time": self.connected_at,
                 "ptr": f"{id(self):x}", "link": link, "remote_pid": self.pid, "tls": "",
                 "application_name": self.parameters.get("application_name", ""),
-                "pool_mode": "transaction" if self.pool is not None else "session", "worker": None}
+                "pool_mode": "transaction" if self.pool is not None else "session"}
 
     def _set_state(self, new: BackendState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -269,9 +270,7 @@ async def open_backend(socket_path: str, params: list[tuple[str, str]], on_close
     after its first ReadyForQuery. Raises BackendRefused with PostgreSQL's error."""
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_unix_connection(lambda: BackendConnection(on_closed), socket_path)
-    given = dict(params)
-    conn.user = given.get("user", "")
-    conn.database = given.get("database", conn.user)
+    conn.user, conn.database = user_and_database(params)
     try:
         leftover = await conn._request(messages.startup_message(params))
     except BaseException:

@@ -115,6 +115,14 @@ def _name(value: str) -> str:
     return raw[:NAMEDATALEN - 1].decode("utf-8", "surrogateescape") if len(raw) >= NAMEDATALEN else value
 
 
+def user_and_database(params: list[tuple[str, str]]) -> tuple[str, str]:
+    """The user and database a startup packet names, as PostgreSQL reads them: truncated to
+    a name, the database defaulting to the user."""
+    values = dict(params)
+    user = values.get("user") or ""
+    return _name(user), _name(values.get("database") or user)
+
+
 def _startup_message(minor: int, body: bytes) -> StartupMessage:
     try:
         params = parse_startup_parameters(body)
@@ -125,10 +133,7 @@ def _startup_message(minor: int, body: bytes) -> StartupMessage:
     # defaults the database to the user itself, and adding it here could push a packet
     # PostgreSQL accepts from the client past its 10000-byte limit
     params = [(k, v) for k, v in params if not k.startswith("_pq_.")]
-    values = dict(params)
     replication, walsender = _replication(params)
-    user = values.get("user")
-    if not user:
+    if not dict(params).get("user"):
         raise Refused("28000", "no PostgreSQL user name specified in startup packet")
-    return StartupMessage(minor, params, options, _name(user), _name(values.get("database") or user),
-                          replication, walsender)
+    return StartupMessage(minor, params, options, *user_and_database(params), replication, walsender)

@@ -227,12 +227,11 @@ class Pool:
     def retire_idle(self, database: str | None = None) -> None:
         """Let every idle backend go (their sessions would block database DDL), or those of
         one database."""
-        for key, idle in list(self._idle.items()):
-            keep = [b for b in idle if database is not None and b.database != database]
-            self._idle[key] = keep
-            for backend in idle:
-                if backend not in keep:
-                    backend.close()
+        for idle in self._idle.values():
+            leaving = [b for b in idle if database in (None, b.database)]
+            idle[:] = [b for b in idle if database not in (None, b.database)]
+            for backend in leaving:
+                backend.close()
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:

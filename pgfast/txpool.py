@@ -26,6 +26,7 @@ from ._shared import BACKENDS
 from ._txrelay import TRACKED
 from .backend import BackendConnection, BackendRefused, BackendState, open_backend
 from .errors import Refused
+from .negotiation import user_and_database
 
 _TRACKED_LOWER = frozenset(name.lower() for name in TRACKED)
 _SWEEP_SECONDS = 5.0
@@ -61,8 +62,7 @@ class _Waiter:
 class _Pool:
     def __init__(self, key: tuple, params: tuple, description: str, size: int):
         self.key = key
-        given = dict(params)
-        self.database = given.get("database", given.get("user", ""))
+        _, self.database = user_and_database(params)
         # the key's name in the counters shared by workers (Python's hash() is per process)
         self.shared_key = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big") >> 1
         self.params = list(params)
