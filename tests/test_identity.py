@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import certs
-from conftest import psql_script, tls_server
+from conftest import psql_script, tls_server, wait_until
 
 HBA = ("local all all trust\n"
        "hostssl all all 127.0.0.1/32 trust\n")
@@ -68,6 +68,17 @@ def local_port(conn: psycopg.Connection) -> int:
         sock.close()
 
 
+def wait_parked(server, pid: int) -> None:
+    """Until the backend is back in the pool (its reset runs after the client has gone), so
+    the next client is sure to get it."""
+    def parked() -> bool:
+        with psycopg.connect(host=server.socket_dir, port=server.port, user="postgres", dbname="pgfast",
+                             autocommit=True) as console:
+            rows = console.execute("SHOW SERVERS").fetchall()
+        return any(row[15] == pid and row[3] == "idle" for row in rows)
+    assert wait_until(parked, 10), f"backend {pid} did not go back to the pool"
+
+
 def identity(conn) -> dict[str, str]:
     row = conn.execute(QUERY).fetchone()
     return dict(zip((*NAMES, "pid"), row))
@@ -81,6 +92,7 @@ def test_a_session_sees_its_client_and_a_reused_backend_the_next_one(session_ser
         assert seen["ssl_client_dn"] == "/CN=alice" and int(seen["ssl_client_serial"]) > 0
         assert seen["ssl_server_name"] == ""          # libpq sends no SNI for an address
         pid = seen["pid"]
+    wait_parked(session_server, pid)
     with connect(session_server, pki) as second:     # the pooled backend, for another client
         seen = identity(second)
         assert seen["pid"] == pid
@@ -93,6 +105,7 @@ def test_a_changed_value_never_reaches_the_next_client(session_server, pki):
         first.execute("select set_config('pgfast.client_addr', '10.6.6.6', false)")
         assert identity(first)["client_addr"] == "10.6.6.6"    # its own view only
         pid = identity(first)["pid"]
+    wait_parked(session_server, pid)
     with connect(session_server, pki) as second:
         seen = identity(second)
         assert seen["pid"] == pid and seen["client_addr"] == "127.0.0.1"
