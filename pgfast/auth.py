@@ -14,10 +14,11 @@ from typing import Protocol
 
 from . import log, messages
 from .catalog import Credentials
+from .credentials import Secret
 from .errors import AuthFailed, ClientGone
 from .hba import HbaLine, HbaRules, IdentMap
 from .passwords import check_plain_password, is_md5, md5_salted
-from .scram import SCRAM, SCRAM_PLUS, ScramServer, malformed, mock_scram, parse_scram
+from .scram import SCRAM, SCRAM_PLUS, ScramKeys, ScramServer, malformed, mock_scram, parse_scram
 
 PASSWORD_METHODS = frozenset({"password", "md5", "scram-sha-256"})
 # Methods pgfast can honour at the front; any other pg_hba.conf method is a start-up
@@ -179,34 +180,41 @@ def _secret_problem(user: str, credentials: Credentials | None) -> str | None:
 
 async def authenticate_password(line: HbaLine, info: ClientInfo, exchange: Exchange,
                                 credentials: Credentials | None, channel_binding: bytes | None,
-                                password_encryption: str) -> None:
+                                password_encryption: str) -> Secret:
     """The password, md5 and scram-sha-256 methods, with PostgreSQL's rules for which
     exchange each secret gets. A role that cannot log in still goes through the whole
-    exchange and fails at its end, so the client learns nothing about which roles exist."""
+    exchange and fails at its end, so the client learns nothing about which roles exist.
+    Returns what the exchange proved, for logging in to an upstream with the same secret."""
     problem = _secret_problem(info.user, credentials)
     secret = credentials.secret if problem is None else None
     mismatch = f'Password does not match for user "{info.user}".'
+    proved = Secret()
     if line.method == "password":
         password = await _cleartext_password(exchange)
         if problem is None and not check_plain_password(secret, password, info.user):
             problem = mismatch
+        proved = Secret(password=password)
     elif line.method == "md5" and (is_md5(secret) or (secret is None and password_encryption == "md5")):
         if not await _md5_exchange(exchange, secret) and problem is None:
             problem = mismatch
+        proved = Secret(md5=secret)
     else:
         scram = parse_scram(secret)
         if problem is None and scram is None:
             problem = f'User "{info.user}" does not have a valid SCRAM secret.'
         try:
-            matched = await _scram_exchange(exchange, scram or mock_scram(info.user), channel_binding)
+            client_key = await _scram_exchange(exchange, scram or mock_scram(info.user), channel_binding)
         except _Unreadable:
             raise AuthFailed("28P01", f'password authentication failed for user "{info.user}"',
                              _line_context(line)) from None
-        if not matched and problem is None:
+        if client_key is None and problem is None:
             problem = mismatch
+        if client_key is not None and scram is not None:
+            proved = Secret(scram=ScramKeys(client_key, scram.server_key, scram.salt, scram.iterations))
     if problem is not None:
         raise AuthFailed("28P01", f'password authentication failed for user "{info.user}"',
                          f"{problem} {_line_context(line)}")
+    return proved
 
 
 async def _cleartext_password(exchange: Exchange) -> bytes:
@@ -266,7 +274,8 @@ def _check_scram_input(data: bytes) -> None:
         raise malformed("Message length does not match input length.")
 
 
-async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | None) -> bool:
+async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | None) -> bytes | None:
+    """The exchange; the ClientKey the client's proof revealed, or None if it was wrong."""
     mechanisms = [SCRAM_PLUS, SCRAM] if channel_binding is not None else [SCRAM]
     exchange.send(_request(_AUTH_SASL, b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0"))
     mechanism, rest = _initial_mechanism(await _password_message(exchange, "SASL"))
@@ -283,6 +292,6 @@ async def _scram_exchange(exchange: Exchange, secret, channel_binding: bytes | N
     _check_scram_input(client_final)
     server_final = server.final(client_final)
     if server_final is None:
-        return False
+        return None
     exchange.send(_request(_AUTH_SASL_FINAL, server_final))
-    return True
+    return server.client_key

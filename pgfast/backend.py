@@ -1,8 +1,10 @@
-"""Connections from pgfast to PostgreSQL over its private Unix socket.
+"""Connections from pgfast to PostgreSQL: the one it started, over its private Unix
+socket (LocalServer), or an upstream server over TCP and TLS (upstream.py).
 
-PostgreSQL behind pgfast trusts only that socket, so a backend session starts with the
-client's own StartupMessage parameters and no authentication exchange; pgfast has
-already authenticated the client at the front.
+A backend session starts with the client's own StartupMessage parameters. The local
+PostgreSQL trusts pgfast's socket, so it asks for no authentication (pgfast has already
+authenticated the client at the front); an upstream server may, and the backend's
+credentials.Login answers it with what the front learned.
 
 A backend's life is an explicit state machine, changed only in _set_state():
 
@@ -22,7 +24,7 @@ import enum
 import struct
 import time
 
-from . import log, messages
+from . import credentials, log, messages
 from ._framing import ReadBuffer
 from .negotiation import user_and_database
 
@@ -69,7 +71,9 @@ _CONSOLE_STATES = {BackendState.STARTING: "login", BackendState.SERVING: "active
 
 class BackendConnection(asyncio.Protocol):
 
-    def __init__(self, on_closed=None) -> None:
+    def __init__(self, server, on_closed=None, login: credentials.Login | None = None) -> None:
+        self.server = server                     # where it runs: cancels go there
+        self._login = login                      # answers the server's authentication requests
         self.transport: asyncio.Transport | None = None
         self.state = BackendState.STARTING
         self.pid = 0
@@ -80,6 +84,7 @@ class BackendConnection(asyncio.Protocol):
         self.connected_at = time.time()          # for the admin console
         self.user = self.database = ""           # from its startup packet
         self.identity: str | None = None         # the client identity SQL it last ran (identity.py)
+        self.tls = ""                            # an upstream's TLS, "version/cipher" (SHOW SERVERS)
         self.idle_since = 0.0
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
@@ -93,6 +98,7 @@ class BackendConnection(asyncio.Protocol):
         self._on_closed = on_closed              # told once PostgreSQL has let go
         self._inbuf = ReadBuffer()
         self._reply: asyncio.Future | None = None   # start-up or reset, until ReadyForQuery
+        self._rows: list | None = None              # fetch()'s, while it waits
         self._error: dict[str, str] | None = None
         self._gone: asyncio.Future | None = None
 
@@ -102,9 +108,10 @@ class BackendConnection(asyncio.Protocol):
 
     def describe(self, link: str = "") -> dict:
         """SHOW SERVERS's row (console.py); link: the client it serves."""
+        address, port = self.server.address
         return {"user": self.user, "database": self.database, "state": _CONSOLE_STATES[self.state],
-                "addr": "unix", "port": 0, "local_addr": "", "local_port": 0, "connect_time": self.connected_at,
-                "ptr": f"{id(self):x}", "link": link, "remote_pid": self.pid, "tls": "",
+                "addr": address, "port": port, "local_addr": "", "local_port": 0, "connect_time": self.connected_at,
+                "ptr": f"{id(self):x}", "link": link, "remote_pid": self.pid, "tls": self.tls,
                 "application_name": self.parameters.get("application_name", ""),
                 "pool_mode": "transaction" if self.pool is not None else "session"}
 
@@ -165,9 +172,16 @@ class BackendConnection(asyncio.Protocol):
                     raise BackendRefused(messages.message(b"E", payload), self._error)
             elif msg_type == ord("R"):
                 (code,) = struct.unpack_from("!i", payload)
-                if code != 0:
+                if code == 0:
+                    continue
+                if self._login is None:
                     raise ConnectionError(f"PostgreSQL asked pgfast for authentication (request {code}); "
                                           "its private hba_file should trust pgfast's socket")
+                answer = self._login.answer(code, payload[4:])
+                if answer is not None:
+                    self.transport.write(answer)
+            elif msg_type == ord("D") and self._rows is not None:
+                self._rows.append(messages.parse_data_row(payload))
             elif msg_type == ord("Z"):
                 self._reply.set_result(self._inbuf.take_all())
 
@@ -188,6 +202,15 @@ class BackendConnection(asyncio.Protocol):
         if leftover:
             raise ConnectionError("extra data after ReadyForQuery")
         return self._error
+
+    async def fetch(self, query: str, timeout: float) -> tuple[list[tuple], dict[str, str] | None]:
+        """The rows of a query of pgfast's (a health check), and its error fields if it failed."""
+        self._rows = []
+        try:
+            error = await self.run(query, timeout)
+            return self._rows, error
+        finally:
+            self._rows = None
 
     async def reset(self, query: str, timeout: float) -> None:
         """Run the reset query (DISCARD ALL); raises if it fails or takes longer than timeout."""
@@ -234,10 +257,10 @@ class BackendConnection(asyncio.Protocol):
         self._input_ended = True
         self.transport.write_eof()
 
-    def forward_cancel(self, socket_path: str) -> None:
+    def forward_cancel(self) -> None:
         """Send PostgreSQL a cancel for what this backend runs. Until it has acted on it,
         the backend is in self.cancels, and pools do not hand it to anyone else."""
-        task = asyncio.get_running_loop().create_task(send_cancel(socket_path, self.pid, self.secret_key))
+        task = asyncio.get_running_loop().create_task(self.server.send_cancel(self.pid, self.secret_key))
         self.cancels.add(task)
         task.add_done_callback(self._on_cancel_sent)
 
@@ -264,13 +287,17 @@ class BackendConnection(asyncio.Protocol):
             pass
 
 
-async def open_backend(socket_path: str, params: list[tuple[str, str]], on_closed=None
-                       ) -> tuple[BackendConnection, bytes]:
-    """A backend session for these StartupMessage parameters, and any bytes it sent
-    after its first ReadyForQuery. Raises BackendRefused with PostgreSQL's error."""
-    loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(lambda: BackendConnection(on_closed), socket_path)
-    conn.user, conn.database = user_and_database(params)
+async def open_backend(server, params: list[tuple[str, str]], on_closed=None,
+                       secret: credentials.Secret | None = None) -> tuple[BackendConnection, bytes]:
+    """A backend session on server for these StartupMessage parameters, and any bytes it
+    sent after its first ReadyForQuery. Raises BackendRefused with PostgreSQL's error.
+    secret: what to log in with, when the server asks (an upstream server)."""
+    user, database = user_and_database(params)
+    if secret is None:      # fixed roles (pgfast.auth_user, service roles): pgfast.passfile's
+        secret = server.passfile_secret(user, database)
+    login = credentials.Login(user, secret) if secret is not None else None
+    conn = await server.connect(lambda: BackendConnection(server, on_closed, login))
+    conn.user, conn.database = user, database
     try:
         leftover = await conn._request(messages.startup_message(params))
     except BaseException:
@@ -279,12 +306,40 @@ async def open_backend(socket_path: str, params: list[tuple[str, str]], on_close
     return conn, leftover
 
 
-async def send_cancel(socket_path: str, pid: int, secret_key: int) -> None:
-    """A CancelRequest for (pid, secret_key), returning once the postmaster has acted on it
-    (it closes the connection after signalling the backend)."""
-    reader, writer = await asyncio.open_unix_connection(socket_path)
-    try:
-        writer.write(messages.cancel_request(pid, secret_key))
-        await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
-    finally:
-        writer.close()
+class LocalServer:
+    """The PostgreSQL pgfast started, over its private Unix socket, which trusts pgfast."""
+
+    address = ("unix", 0)
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+
+    def pick(self, route: str | None = None) -> "LocalServer":
+        return self             # one server: every route leads here
+
+    def passfile_secret(self, user: str, database: str) -> None:
+        return None             # it trusts pgfast's socket
+
+    # nothing to check: the postmaster is pgfast's child, watched by pid (worker.py)
+    def start(self) -> None:
+        pass
+
+    async def first_check(self, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def connect(self, factory) -> BackendConnection:
+        _, conn = await asyncio.get_running_loop().create_unix_connection(factory, self.socket_path)
+        return conn
+
+    async def send_cancel(self, pid: int, secret_key: int) -> None:
+        """A CancelRequest for (pid, secret_key), returning once the postmaster has acted on
+        it (it closes the connection after signalling the backend)."""
+        reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        try:
+            writer.write(messages.cancel_request(pid, secret_key))
+            await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
+        finally:
+            writer.close()

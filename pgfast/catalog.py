@@ -1,7 +1,7 @@
 """What pgfast asks PostgreSQL's catalogs at each login: the role's credentials
 (pg_authid), its memberships (pg_hba's +group and samerole), and the catalog state a
 backend for the role and database would start under, in one query, over the private
-socket, as the cluster's admin role.
+socket, as the cluster's admin role (upstream mode: on the primary, as pgfast.auth_user).
 
 The answers are read afresh for every login (concurrent logins for the same role and
 database share one query in flight), so a changed password, a dropped or renamed role or
@@ -139,20 +139,6 @@ def _extended_query(sql: str, params: list[str]) -> bytes:
     ])
 
 
-def _data_row(payload: bytes) -> tuple[str | None, ...]:
-    (count,) = struct.unpack_from("!h", payload)
-    offset, values = 2, []
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", payload, offset)
-        offset += 4
-        if length < 0:
-            values.append(None)
-            continue
-        values.append(payload[offset:offset + length].decode("utf-8", "surrogateescape"))
-        offset += length
-    return tuple(values)
-
-
 class _Request:
     __slots__ = ("params", "future", "rows", "error")
 
@@ -235,7 +221,7 @@ class CatalogSession(asyncio.Protocol):
             raise CatalogError(fields.get("M", f"unexpected message {chr(msg_type)!r}"))
         request = self._queue[0]
         if msg_type == ord("D"):
-            request.rows.append(_data_row(payload))
+            request.rows.append(messages.parse_data_row(payload))
         elif msg_type == ord("E"):
             request.error = messages.parse_error_fields(payload)
         elif msg_type == ord("Z"):
@@ -267,9 +253,10 @@ class CatalogSession(asyncio.Protocol):
 
 
 class Catalog:
-    def __init__(self, backend_socket: str, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES):
-        self._socket = backend_socket
+    def __init__(self, servers, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES, secret=None):
+        self._servers = servers                 # backend.LocalServer or upstream.Upstream
         self._admin_user = admin_user
+        self._secret = secret                   # the admin role's login on an upstream (credentials.py)
         self._databases = databases
         self._session: CatalogSession | None = None
         self._opening: asyncio.Task | None = None
@@ -280,8 +267,10 @@ class Catalog:
         refusal = None
         for database in self._databases:
             try:
-                backend, _ = await open_backend(self._socket, [
-                    ("user", self._admin_user), ("database", database), ("application_name", "pgfast")])
+                # the primary: a standby's catalogs may lag behind a change of password
+                backend, _ = await open_backend(self._servers.pick("primary"), [
+                    ("user", self._admin_user), ("database", database), ("application_name", "pgfast")],
+                    secret=self._secret)
             except BackendRefused as exc:
                 refusal = exc
                 if exc.fields.get("C") in _NO_SUCH_DATABASE:

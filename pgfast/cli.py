@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="server key: ECDSA P-256 (default) or RSA-2048")
     init.add_argument("--key-passphrase-file", metavar="FILE", help="encrypt server.key with the passphrase in FILE")
     init.add_argument("--user", metavar="NAME", help="account to run PostgreSQL as when started as root")
+    init.add_argument("--upstream", metavar="CONNINFO",
+                      help="upstream mode: front the PostgreSQL servers this libpq connection string names")
 
     run = commands.add_parser("run", add_help=False, help="serve clients from a data directory")
     run.add_argument("--help", action="help", help="show this help message and exit")
@@ -79,6 +81,12 @@ def _init(args) -> int:
     from . import accounts, initdb, pgbin
     data_dir = _data_dir(args.data_dir)
     account = accounts.database_account(data_dir, args.user)
+    if args.upstream is not None:
+        info = initdb.initialise_upstream(data_dir, account, args.upstream, auth_user=args.superuser or "postgres",
+                                          auth="scram-sha-256" if args.auth == "trust" else args.auth,
+                                          key_type=args.key_type)
+        print(initdb.upstream_report(info))
+        return 0
     bindir, how = pgbin.locate()
     pgbin.announce(bindir, how)
     info = initdb.initialise(data_dir, bindir, account, superuser=args.superuser, auth=args.auth,

@@ -38,12 +38,13 @@ from .auth import MAX_AUTH_TOKEN_LENGTH, ClientInfo
 from ._txrelay import TxRelay
 from .backend import BackendConnection, BackendRefused
 from .catalog import CatalogError, log_catalog_failure
+from .credentials import Secret
 from .errors import ClientGone, Refused
 from .identity import identity_sql
 from .login import log_in
 from .metrics import TLS_VERSIONS, handshake_failure_reason, metrics
 from .negotiation import (NEWEST_MINOR, BadCancelRequest, CancelRequest, GSSENCRequest, SSLRequest, StartupMessage,
-                          interpret, unsupported_protocol)
+                          interpret, split_route, unsupported_protocol)
 from .tls import TLSSession
 from .txpool import pool_key
 from .txsession import TransactionSession, greet
@@ -124,6 +125,8 @@ class ClientConnection(asyncio.Protocol):
         self._connected_at = time.time()
         self._mode = ""                         # the pool mode it was given
         self._authenticated_at = 0.0
+        self._secret: Secret | None = None      # what its authentication proved (credentials.py)
+        self._route: str | None = None          # upstream mode: the hosts its backends run on
         self._label = "[local]"                 # who the log lines are about: PostgreSQL's %r
         metrics.count("client_connections", _STATE_LABELS[self._state])
 
@@ -375,6 +378,8 @@ class ClientConnection(asyncio.Protocol):
             raise Refused(*self._frontend.refusal)
         if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
+        if self._frontend.upstream_mode:
+            startup, self._route = split_route(startup, self._frontend.settings.pgfast["pgfast.standby_suffix"])
         self._startup = startup
         # the host configuration the handshake used: a reload does not change it under us
         tls = self._tls.host if self._tls is not None else None
@@ -462,8 +467,9 @@ class ClientConnection(asyncio.Protocol):
                                                               struct.calcsize("3i")))
         return uid
 
-    def authenticated(self) -> None:
+    def authenticated(self, secret: Secret | None) -> None:
         self._authenticated_at = time.time()
+        self._secret = secret
         self._set_state(State.CONNECTING)
 
     async def _log_in(self, startup: StartupMessage, info: ClientInfo) -> None:
@@ -484,13 +490,13 @@ class ClientConnection(asyncio.Protocol):
                     await frontend.until_resumed(startup.database)
             if mode == "transaction":
                 pool = frontend.tx_pools.pool_for(
-                    pool_key(facts.session_rules, startup.params), startup.params,
+                    pool_key(facts.session_rules, startup.params, self._route), startup.params,
                     f'role "{startup.user}", database "{startup.database}"',
-                    frontend.setting_for("pgfast.pool_size", facts))
+                    frontend.setting_for("pgfast.pool_size", facts), self._secret, self._route)
                 params = await greet(frontend.tx_pools, pool, startup.params)
             else:
                 rules = facts.session_rules if mode == "session" else None
-                backend, leftover = await frontend.pool.acquire(startup.params, rules)
+                backend, leftover = await frontend.pool.acquire(startup.params, rules, self._secret, self._route)
                 if not startup.walsender and not leftover:
                     await self._give_identity(backend)
                 waited = time.monotonic() - waiting_since
@@ -650,8 +656,7 @@ class ClientConnection(asyncio.Protocol):
         self._relay = TxRelay(None, self.transport, self._tls.pump if self._tls else None, params)
         self._relay.identity = self._identity(per_transaction=True)
         self._tx = TransactionSession(self, self._frontend.tx_pools, pool, self._relay,
-                                      self._frontend.settings.pgfast["pgfast.idle_transaction_timeout"],
-                                      self._frontend.socket_path)
+                                      self._frontend.settings.pgfast["pgfast.idle_transaction_timeout"])
         self._relay.set_session(self._tx)
         self.transport.set_protocol(self._relay.client_protocol())
         pending = self._inbuf.take_all()
@@ -674,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
         elif self._tx is not None:
             self._tx.forward_cancel()
         elif self._state is State.RELAYING and self._backend is not None:
-            self._backend.forward_cancel(self._frontend.socket_path)
+            self._backend.forward_cancel()
 
     # called by the relay
 

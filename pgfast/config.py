@@ -378,6 +378,19 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     # with 19 behind, ssl_sni and hosts_file set them too
     "pgfast.ssl_sni": (_boolean, False),
     "pgfast.hosts_file": (_string, "pg_hosts.conf"),
+    # upstream mode (upstream.py): the remote servers, as a libpq connection string; None:
+    # pgfast runs the PostgreSQL of its data directory
+    "pgfast.upstream": (_string, None),
+    # the role that reads the upstream's catalogs and runs the health checks; None: admin_user's rule
+    "pgfast.auth_user": (_string, None),
+    # passwords of the roles pgfast logs in as by itself, in libpq's .pgpass format, mode 0600
+    "pgfast.passfile": (_string, "upstream.pgpass"),
+    "pgfast.health_check_period": (_integer(1, 86400, seconds=True), 10),
+    "pgfast.health_check_timeout": (_integer(1, 3600, seconds=True), 5),
+    # bytes of WAL a standby may be behind the primary and still serve reads
+    "pgfast.max_standby_lag": (_integer(0, 1 << 50), 16 << 20),
+    # "app" + this suffix names database app on a standby
+    "pgfast.standby_suffix": (_string, "@standby"),
 }
 # pgfast settings that ALTER ROLE / ALTER DATABASE ... SET may override for a role or database
 PER_ROLE_SETTINGS = ("pgfast.pool_mode", "pgfast.pool_size")

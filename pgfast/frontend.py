@@ -28,7 +28,7 @@ _BUSY = (BackendState.STARTING, BackendState.SERVING, BackendState.RESETTING)
 class Frontend:
 
     def __init__(self, settings: Settings, hba: HbaRules, ident: IdentMap, tls: ServerTLS | None,
-                 catalog: Catalog, pool: Pool, tx_pools: TransactionPools, socket_path: str, shared,
+                 catalog: Catalog, pool: Pool, tx_pools: TransactionPools, shared,
                  worker: int = 0, workers: int = 1, cancel_socket_path=None, admin_socket_path=None):
         self.settings = settings
         self.shared = shared                  # _shared.Shared: what workers count together
@@ -37,12 +37,12 @@ class Frontend:
         self._cancel_socket_path = cancel_socket_path     # worker -> its cancel socket
         self._cancel_socket: socket.socket | None = None
         self.tx_pools = tx_pools
-        self.socket_path = socket_path
         self.hba = hba
         self.ident = ident
         self.tls = tls
         self.catalog = catalog
         self.pool = pool
+        self.upstream_mode = settings.pgfast["pgfast.upstream"] is not None
         # what an unknown role's password is checked as (PostgreSQL: password_encryption)
         self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
         self.clients: set[ClientConnection] = set()

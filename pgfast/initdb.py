@@ -131,6 +131,82 @@ def _write_config(data_dir: str, account: Account, superuser: str, auth: str) ->
         os.chown(hba_path, account.uid, account.gid)
 
 
+UPSTREAM_HBA = """\
+# pg_hba.conf written by pgfast init --upstream. pgfast decides here, then logs in to the
+# upstream as the client's role with what the client proved (see the README, upstream mode).
+#
+# TYPE   DATABASE     USER  ADDRESS        METHOD
+local    all          all                  {local}
+hostssl  all          all   127.0.0.1/32   {host}
+hostssl  all          all   ::1/128        {host}
+"""
+
+UPSTREAM_CONF = """\
+# postgresql.conf written by pgfast init --upstream: pgfast's settings, and no PostgreSQL
+# runs from this directory.
+listen_addresses = 'localhost'
+port = 5432
+ssl = on
+pgfast.upstream = '{upstream}'
+# reads the upstream's catalogs and runs the health checks; its password is in upstream.pgpass
+pgfast.auth_user = '{auth_user}'
+pgfast.console_users = '{console_users}'
+"""
+
+PASSFILE_HEADER = """\
+# hostname:port:database:username:password (libpq's .pgpass format), for the roles pgfast
+# logs in to the upstream as by itself: pgfast.auth_user, and roles that log in at the front
+# without a password (cert, peer, trust). pgfast refuses to start unless this file is mode 0600.
+"""
+
+
+def initialise_upstream(data_dir: str, account: Account, upstream: str, *, auth_user: str,
+                        auth: str = "scram-sha-256", key_type: str = "ecdsa") -> dict:
+    """A directory for upstream mode: pgfast's configuration, TLS files and an empty
+    passfile; no PostgreSQL data."""
+    from . import conninfo
+    if not is_empty_or_missing(data_dir):
+        raise StartupError(f'directory "{data_dir}" exists but is not empty',
+                           hint=f'Remove or empty "{data_dir}", or run pgfast with it as it is.')
+    try:
+        conninfo.parse(upstream, base_dir=os.path.abspath(data_dir))
+    except conninfo.ConninfoError as exc:
+        raise StartupError(f"invalid --upstream: {exc}") from None
+    _prepare_directory(data_dir, account)
+    try:
+        owner = {"owner_uid": account.uid, "owner_gid": account.gid} if os.geteuid() == 0 else {}
+        write_self_signed(os.path.join(data_dir, "server.crt"), os.path.join(data_dir, "server.key"),
+                          key_type=key_type, **owner)
+        listed = '"' + auth_user.replace('"', '""') + '"'
+        files = {"postgresql.conf": UPSTREAM_CONF.format(upstream=upstream.replace("'", "''"),
+                                                         auth_user=auth_user.replace("'", "''"),
+                                                         console_users=listed.replace("'", "''")),
+                 "pg_hba.conf": UPSTREAM_HBA.format(local=local_method(auth), host=auth),
+                 "pg_ident.conf": "", "upstream.pgpass": PASSFILE_HEADER}
+        for name, text in files.items():
+            path = os.path.join(data_dir, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            if os.geteuid() == 0:
+                os.chown(path, account.uid, account.gid)
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    return {"data_dir": data_dir, "upstream": upstream, "auth_user": auth_user, "auth": auth}
+
+
+def upstream_report(info: dict) -> str:
+    passfile = os.path.join(info["data_dir"], "upstream.pgpass")
+    return "\n".join([
+        f'Initialised "{info["data_dir"]}" for pgfast in upstream mode, in front of:',
+        f'  {info["upstream"]}',
+        f'  pg_hba.conf method {info["auth"]}, TCP over TLS only (hostssl); self-signed server.crt and server.key',
+        "", f'Give pgfast.auth_user ("{info["auth_user"]}") its password in {passfile}, e.g.',
+        f'    *:*:*:{info["auth_user"]}:PASSWORD', "",
+        "Start it with:", f'    pgfast run -D {info["data_dir"]}'])
+
+
 def connection_string(info: dict, port: int) -> str:
     crt = os.path.join(info["data_dir"], "server.crt")
     return (f'host=localhost port={port} dbname=postgres user={info["superuser"]} '

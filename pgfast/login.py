@@ -13,6 +13,7 @@ from typing import Protocol
 
 from .auth import PASSWORD_METHODS, ClientInfo, authenticate_password, authorize, check_peer
 from .catalog import CatalogError, LoginFacts, log_catalog_failure
+from .credentials import Secret
 from .errors import AuthFailed
 from .hba import resolve_client_hostname
 from .metrics import AUTH_METHODS, metrics
@@ -28,7 +29,7 @@ class Client(Protocol):
 
     def peer_uid(self) -> int | None: ...
 
-    def authenticated(self) -> None: ...
+    def authenticated(self, secret: Secret | None) -> None: ...
 
 
 async def log_in(frontend, startup: StartupMessage, info: ClientInfo, client: Client) -> LoginFacts | None:
@@ -72,11 +73,12 @@ async def _log_in(frontend, startup: StartupMessage, info: ClientInfo, client: C
             if line.method in PASSWORD_METHODS:
                 raise
             log_catalog_failure(exc)        # then a fresh backend, and PostgreSQL decides
+    secret = None
     if line.method in PASSWORD_METHODS:
-        await authenticate_password(line, info, client, facts.credentials,
-                                    info.server_end_point,
-                                    frontend.password_encryption)
+        secret = await authenticate_password(line, info, client, facts.credentials,
+                                             info.server_end_point,
+                                             frontend.password_encryption)
     elif line.method == "peer":
         check_peer(line, info, frontend.ident, client.peer_uid())
-    client.authenticated()
+    client.authenticated(secret)
     return facts if not startup.walsender else None

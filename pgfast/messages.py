@@ -93,3 +93,18 @@ def data_row(values: list[object]) -> bytes:
 
 def command_complete(tag: str) -> bytes:
     return message(b"C", tag.encode() + b"\0")
+
+
+def parse_data_row(payload: bytes) -> tuple[str | None, ...]:
+    """A DataRow's values as text (None for NULL)."""
+    (count,) = struct.unpack_from("!h", payload)
+    offset, values = 2, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", payload, offset)
+        offset += 4
+        if length < 0:
+            values.append(None)
+            continue
+        values.append(payload[offset:offset + length].decode("utf-8", "surrogateescape"))
+        offset += length
+    return tuple(values)

@@ -6,6 +6,7 @@ with them. Every refusal is a Refused with PostgreSQL's SQLSTATE and wording.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -137,3 +138,21 @@ def _startup_message(minor: int, body: bytes) -> StartupMessage:
     if not dict(params).get("user"):
         raise Refused("28000", "no PostgreSQL user name specified in startup packet")
     return StartupMessage(minor, params, options, *user_and_database(params), replication, walsender)
+
+
+# upstream mode's routes (upstream.Upstream.pick): which hosts a client's backends run on
+PRIMARY, STANDBY = "primary", "standby"
+
+
+def split_route(startup: StartupMessage, suffix: str) -> tuple[StartupMessage, str]:
+    """The client's real database and its route: "app" + suffix asks for a standby of
+    "app", and from here on the client's database is "app" (for pg_hba.conf, the
+    catalogs and the backend's startup packet alike)."""
+    database = startup.database
+    if not suffix or not database.endswith(suffix) or database == suffix:
+        return startup, PRIMARY
+    real = database[:-len(suffix)]
+    params = [(k, real if k == "database" else v) for k, v in startup.params]
+    if not any(k == "database" for k, _ in startup.params):
+        params.append(("database", real))       # it was the user name, defaulted
+    return dataclasses.replace(startup, params=params, database=real), STANDBY

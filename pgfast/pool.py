@@ -38,9 +38,9 @@ _RETIRE_TIMEOUT = 5.0
 
 
 class Pool:
-    def __init__(self, socket_path: str, *, size: int, idle_timeout: float, lifetime: float,
+    def __init__(self, servers, *, size: int, idle_timeout: float, lifetime: float,
                  reset_query: str, backend_limit, shared, balance: bool = False):
-        self._socket_path = socket_path
+        self._servers = servers                   # backend.LocalServer or upstream.Upstream
         self._size = size
         self._idle_timeout = idle_timeout
         self._lifetime = lifetime
@@ -73,12 +73,12 @@ class Pool:
         return list(self._backends)
 
     @staticmethod
-    def _key(params: list[tuple[str, str]], rules: SessionRules | None) -> tuple | None:
+    def _key(params: list[tuple[str, str]], rules: SessionRules | None, route: str | None) -> tuple | None:
         """None (never pooled): no rules (pool_mode none, a walsender, catalogs that could
         not say), or a connection limit, which counts idle pooled sessions too."""
         if rules is None or not rules.poolable:
             return None
-        return rules.role_oid, rules.database_oid, tuple(sorted(params))
+        return rules.role_oid, rules.database_oid, tuple(sorted(params)), route
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, context=log.detached())
@@ -93,9 +93,10 @@ class Pool:
 
     # --- handing backends out -----------------------------------------------------------
 
-    def take_idle(self, params: list[tuple[str, str]], rules: SessionRules | None) -> BackendConnection | None:
+    def take_idle(self, params: list[tuple[str, str]], rules: SessionRules | None,
+                  route: str | None = None) -> BackendConnection | None:
         """An idle backend that started with these parameters under these rules, or None."""
-        key = self._key(params, rules)
+        key = self._key(params, rules, route)
         idle = self._idle.get(key) if key is not None else None
         now = time.monotonic()
         while idle:
@@ -105,8 +106,8 @@ class Pool:
             backend.close()
         return None
 
-    async def acquire(self, params: list[tuple[str, str]], rules: SessionRules | None
-                      ) -> tuple[BackendConnection, bytes]:
+    async def acquire(self, params: list[tuple[str, str]], rules: SessionRules | None,
+                      secret=None, route: str | None = None) -> tuple[BackendConnection, bytes]:
         """A backend for this startup packet (reused if one is idle) and any bytes it
         sent after its first ReadyForQuery. Raises what open_backend raises.
 
@@ -114,8 +115,9 @@ class Pool:
         unknown, or a session never to pool): an idle backend is reused only if it
         started under the same, so a role made NOLOGIN, renamed or dropped and created
         again, a revoked CONNECT or a new ALTER ROLE ... SET reaches the next client as
-        PostgreSQL would have it."""
-        backend = self.take_idle(params, rules)
+        PostgreSQL would have it. secret: what an upstream server's login takes (credentials.py);
+        route: which of its hosts (upstream.Upstream.pick)."""
+        backend = self.take_idle(params, rules, route)
         if backend is not None:
             return backend, b""
         if self._backend_limit() <= 0 and not await self._retire_oldest_idle():
@@ -124,7 +126,7 @@ class Pool:
         try:
             while True:
                 try:
-                    backend, leftover = await open_backend(self._socket_path, params, self._forget)
+                    backend, leftover = await open_backend(self._servers.pick(route), params, self._forget, secret)
                     break
                 except BackendRefused as refusal:
                     # PostgreSQL is full, at least for this role (superuser_reserved_connections):
@@ -139,7 +141,7 @@ class Pool:
             self._shared.add(BACKENDS, -1)          # gone already: _forget found nothing to forget
         else:
             self._backends.add(backend)
-        backend.pool_key = self._key(params, rules)
+        backend.pool_key = self._key(params, rules, route)
         backend.rules = rules
         return backend, leftover
 

@@ -9,19 +9,22 @@ import concurrent.futures.thread  # noqa: F401  (see below)
 import encodings.idna  # noqa: F401
 import linecache  # noqa: F401
 import os
+import shutil
 import sys
+import tempfile
 import traceback  # noqa: F401
 
-from . import accounts, config, initdb, listeners, log, metrics, pgbin, pidfile
+from . import accounts, config, conninfo, initdb, listeners, log, metrics, pgbin, pidfile, upstream
 from ._shared import Shared
 from .auth import SUPPORTED_METHODS
+from .backend import LocalServer
 from .errors import StartupError
 from .hba import load_hba, load_ident
 from .pidfile import PidFile
 from .postmaster import Postmaster, live_postmaster_pid, remove_stale_socket_dirs, wait_for_orphan
 from .shutdown import Mode
 from .supervisor import Supervisor
-from .tls import load_server_tls, self_check
+from .tls import load_client_tls, load_server_tls, self_check
 from .worker import Service, serve
 
 # Everything pgfast imports is imported above, before it drops root's rights: the
@@ -64,6 +67,8 @@ def _check_not_running(data_dir: str) -> None:
 
 
 def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
+    if _upstream_mode(data_dir, overrides):
+        return run_upstream(data_dir, overrides, user)
     initialised = _initialise_if_needed(data_dir, overrides, user)
     if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
         raise StartupError(f'"{data_dir}" is not a valid data directory',
@@ -103,7 +108,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         postmaster.start()
         lock.postmaster_pid = postmaster.process.pid
         lock.set_status(pidfile.STARTING)
-        service = Service(settings, hba, ident, tls, postmaster.socket_dir, postmaster.socket_path,
+        service = Service(settings, hba, ident, tls, postmaster.socket_dir, LocalServer(postmaster.socket_path),
                           postmaster.process.pid, settings.pgfast.get("pgfast.admin_user") or account.name,
                           unix_sockets, shared, workers, list(overrides), known, account.uid, lock)
         if workers == 1:
@@ -118,5 +123,87 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
                 os.unlink(path)
             except OSError:
                 pass
+        lock.remove()
+        log.stop_background()
+
+
+# --- upstream mode: no PostgreSQL here; the servers of pgfast.upstream serve ---------------
+
+def _upstream_mode(data_dir: str, overrides: list[tuple[str, str]]) -> bool:
+    if os.path.isfile(os.path.join(data_dir, "PG_VERSION")) or not os.path.isfile(
+            os.path.join(data_dir, "postgresql.conf")):
+        return False
+    return config.load(data_dir, overrides, known=None).pgfast["pgfast.upstream"] is not None
+
+
+def load_upstream(settings: config.Settings) -> upstream.Upstream:
+    """pgfast.upstream, its TLS and pgfast.passfile, checked as libpq would check them."""
+    option = settings.pgfast.get
+    data_dir = os.path.abspath(settings.data_dir)
+    try:
+        info = conninfo.parse(option("pgfast.upstream"), base_dir=data_dir)
+    except conninfo.ConninfoError as exc:
+        raise StartupError(f"invalid pgfast.upstream: {exc}") from None
+    try:
+        passfile = upstream.load_passfile(os.path.join(data_dir, option("pgfast.passfile")))
+    except conninfo.ConninfoError as exc:
+        raise StartupError(str(exc)) from None
+    tls = load_client_tls(info) if info.sslmode != "disable" else None
+    return upstream.Upstream(info, tls, passfile=passfile, auth_user=_auth_user(settings),
+                             check_period=option("pgfast.health_check_period"),
+                             check_timeout=option("pgfast.health_check_timeout"),
+                             max_standby_lag=option("pgfast.max_standby_lag"))
+
+
+def _auth_user(settings: config.Settings) -> str:
+    return settings.pgfast.get("pgfast.auth_user") or settings.pgfast.get("pgfast.admin_user") or "postgres"
+
+
+def run_upstream(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
+    settings = config.load(data_dir, overrides, known=None)
+    account = accounts.database_account(data_dir, user)
+    lock = PidFile(data_dir, settings.port, (settings.unix_socket_directories or [""])[0],
+                   (settings.listen_addresses or [""])[0])
+    lock.create()
+    unix_sockets = []
+    private_dir = None
+    try:
+        tls = None
+        if settings.ssl:
+            self_check()
+            tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
+        hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
+        ident = load_ident(settings.ident_file)
+        servers = load_upstream(settings)
+        workers = settings.pgfast["pgfast.workers"]
+        tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
+        accounts.drop_privileges(account)
+        accounts.check_reachable(data_dir, account)
+        unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
+        # the workers' cancel and console sockets: private, as PostgreSQL's socket directory is
+        private_dir = tempfile.mkdtemp(prefix="pgfast-")
+        log.start_background()
+        log.log(f"upstream mode: serving {servers.info.describe()}")
+        shared = Shared()
+        metrics_listen = settings.pgfast["pgfast.metrics_listen"]
+        if metrics_listen is not None:
+            metrics.metrics.enable(workers)
+            metrics.serve(metrics_listen, shared)
+        lock.set_status(pidfile.STARTING)
+        service = Service(settings, hba, ident, tls, private_dir, servers, None, _auth_user(settings),
+                          unix_sockets, shared, workers, list(overrides), None, account.uid, lock)
+        if workers == 1:
+            status, _mode = serve(service, 0, tcp_sockets[0], supervised=False)
+        else:
+            status, _mode = Supervisor(service, tcp_sockets, None).run()
+        return status
+    finally:
+        for _sock, path in unix_sockets:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
         lock.remove()
         log.stop_background()

@@ -248,3 +248,64 @@ class ScramServer:
             return None
         self.client_key = client_key
         return b"v=" + base64.b64encode(_hmac(self._secret.server_key, auth_message))
+
+
+# --- the client side: pgfast logging in to an upstream server -----------------------------
+
+@dataclass(frozen=True)
+class ScramKeys:
+    """What a successful proof at the front reveals (ClientKey) with the secret it was
+    checked against: enough to log in to a server holding the same secret, without the
+    password (PgBouncer's SCRAM pass-through)."""
+    client_key: bytes
+    server_key: bytes
+    salt: bytes
+    iterations: int
+
+    def __repr__(self) -> str:      # never the keys, wherever this ends up
+        return "ScramKeys(...)"
+
+
+class ScramClient:
+    """One SCRAM-SHA-256 exchange as a client (no channel binding: the upstream's TLS is
+    checked by sslmode), from a password or from ScramKeys. Errors are libpq's words."""
+
+    def __init__(self, password: bytes | None = None, keys: ScramKeys | None = None):
+        self._password = password
+        self._keys = keys
+        self._nonce = base64.b64encode(secrets.token_bytes(_NONCE_BYTES))
+        self._client_first_bare = b"n=,r=" + self._nonce
+        self._server_key = b""
+        self._auth_message = b""
+
+    def first(self) -> bytes:
+        return b"n,," + self._client_first_bare
+
+    def final(self, server_first: bytes) -> bytes:
+        r = _Reader(server_first)
+        try:
+            nonce = r.attr("r")
+            salt = base64.b64decode(r.attr("s"), validate=True)
+            iterations = int(r.attr("i"))
+        except (AuthFailed, binascii.Error, ValueError):
+            raise ConnectionError("malformed SCRAM message (invalid server-first-message)") from None
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise ConnectionError("invalid SCRAM response (nonce mismatch)")
+        if self._password is not None:
+            salted = hashlib.pbkdf2_hmac("sha256", prepare_password(self._password), salt, iterations)
+            client_key, self._server_key = _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+        elif self._keys.salt == salt and self._keys.iterations == iterations:
+            client_key, self._server_key = self._keys.client_key, self._keys.server_key
+        else:
+            raise ConnectionError("the upstream server holds another SCRAM secret for this role than the one "
+                                  "the client authenticated against")
+        without_proof = b"c=biws,r=" + nonce
+        self._auth_message = self._client_first_bare + b"," + server_first + b"," + without_proof
+        signature = _hmac(hashlib.sha256(client_key).digest(), self._auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        return without_proof + b",p=" + base64.b64encode(proof)
+
+    def verify(self, server_final: bytes) -> None:
+        expected = b"v=" + base64.b64encode(_hmac(self._server_key, self._auth_message))
+        if not hmac.compare_digest(server_final, expected):
+            raise ConnectionError("incorrect server signature")

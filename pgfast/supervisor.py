@@ -89,12 +89,13 @@ class Supervisor:
                 # then each worker applies it, and PostgreSQL reloads its own
                 reload(self._service)
                 self._signal_workers(signal.SIGHUP)
-                try:
-                    os.kill(self._postmaster.process.pid, signal.SIGHUP)
-                except ProcessLookupError:
-                    pass
+                if self._postmaster is not None:
+                    try:
+                        os.kill(self._postmaster.process.pid, signal.SIGHUP)
+                    except ProcessLookupError:
+                        pass
             else:
-                if self._mode is None and self._postmaster.process.poll() is not None:
+                if self._mode is None and self._postmaster is not None and self._postmaster.process.poll() is not None:
                     log.fatal(f"PostgreSQL exited unexpectedly with status {self._postmaster.process.returncode}; "
                               "shutting down")
                     self._status = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import ipaddress
 import getpass
 import os
 import re
@@ -483,3 +484,155 @@ def self_check() -> None:
         raise TLSSetupError(f"pgfast's TLS pump failed its self-check: {exc}") from None
     if received != message or echoed != message:
         raise TLSSetupError("pgfast's TLS pump failed its self-check: data did not round-trip")
+
+
+# --- pgfast as a client: TLS to an upstream PostgreSQL, as libpq does it -----------------
+
+_VERIFYING_MODES = ("verify-ca", "verify-full")
+
+
+class ClientTLS:
+    """The context for every connection to the upstream servers, and libpq's checks of
+    what they present (fe-secure-openssl.c, fe-secure-common.c). One per conninfo: its
+    sslmode, sslrootcert, sslcert/sslkey, sslcrl and protocol range."""
+
+    def __init__(self, context: SSL.Context, verify_name: bool, sni: bool):
+        self.context = context
+        self.verify_name = verify_name      # verify-full: the certificate must name the host
+        self.sni = sni
+
+    def new_session(self, host: str) -> TLSSession:
+        session = TLSSession(self.context)
+        session.connection.set_connect_state()
+        if self.sni and not _is_ip_address(host):
+            # libpq sends the host name, never an address (RFC 6066 forbids literals)
+            session.connection.set_tlsext_host_name(host.encode("idna"))
+        return session
+
+    def check_peer(self, session: TLSSession, host: str) -> str | None:
+        """After the handshake: libpq's error for a certificate that does not name host."""
+        if not self.verify_name:
+            return None
+        certificate = session.connection.get_peer_certificate(as_cryptography=True)
+        if certificate is None:
+            return "could not get server's host name from server certificate"
+        return peer_name_problem(certificate, host)
+
+
+def load_client_tls(options, home: str | None = None) -> ClientTLS:
+    """The context for conninfo options (a conninfo.Upstream), or TLSSetupError with
+    libpq's words for a file it cannot use."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    _openssl.clear_errors()
+    home_file = functools.partial(os.path.join, os.path.expanduser("~") if home is None else home, ".postgresql")
+    # libpq's default minimum is TLSv1.2
+    bounds = {"minimum": options.options.get("ssl_min_protocol_version") or "TLSv1.2",
+              "maximum": options.options.get("ssl_max_protocol_version") or ""}
+    for which, value in bounds.items():
+        if value and value.lower() not in _PROTOCOL_VERSIONS:
+            raise TLSSetupError(f'invalid value "{value}" for {which} SSL protocol version')
+    refused = _openssl.set_protocol_bounds(ctx, *(_PROTOCOL_VERSIONS[v.lower()] if v else 0 for v in bounds.values()))
+    if refused:
+        raise TLSSetupError(f'invalid value "{bounds[refused]}" for {refused} SSL protocol version')
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
+    ctx.set_alpn_protos([ALPN_PROTOCOL])
+    root = options.sslrootcert or home_file("root.crt")
+    verify = options.sslmode in _VERIFYING_MODES
+    if options.sslrootcert == "system":
+        ctx.set_default_verify_paths()
+        verify = True
+    elif os.path.exists(root):
+        # as libpq: a root certificate that exists is used, in every sslmode that has TLS
+        if not _openssl.load_verify_locations(ctx, root):
+            raise TLSSetupError(f'could not read root certificate file "{root}": {_openssl.error_reason()}')
+        verify = True
+        crl = options.sslcrl or home_file("root.crl")
+        crl_dir = options.options.get("sslcrldir")
+        crl = crl if os.path.exists(crl) else None
+        if (crl or crl_dir) and not _openssl.load_crls(ctx, crl, crl_dir):
+            raise TLSSetupError(f'could not load SSL certificate revocation list file "{crl or crl_dir}": '
+                                f"{_openssl.error_reason()}")
+    elif verify:
+        raise TLSSetupError(f'root certificate file "{root}" does not exist',
+                            hint="Either provide the file, use the system's trusted roots with sslrootcert=system, "
+                                 "or change sslmode to disable server certificate verification.")
+    ctx.set_verify(SSL.VERIFY_PEER if verify else SSL.VERIFY_NONE)
+    _load_client_certificate(ctx, options.sslcert or home_file("postgresql.crt"),
+                             options.sslkey or home_file("postgresql.key"), given=bool(options.sslcert))
+    return ClientTLS(ctx, verify_name=options.sslmode == "verify-full", sni=options.sslsni)
+
+
+def _load_client_certificate(ctx: SSL.Context, cert_file: str, key_file: str, given: bool) -> None:
+    if not os.path.exists(cert_file):
+        if given:
+            raise TLSSetupError(f'could not open certificate file "{cert_file}": No such file or directory')
+        return          # as libpq: no certificate to offer
+    if not _openssl.use_certificate_chain_file(ctx, cert_file):
+        raise TLSSetupError(f'could not read certificate file "{cert_file}": {_openssl.error_reason()}')
+    try:
+        st = os.stat(key_file)
+    except FileNotFoundError:
+        raise TLSSetupError(f'certificate present, but not private key file "{key_file}"') from None
+    owned_by_root = st.st_uid == 0
+    if (st.st_mode & (0o037 if owned_by_root else 0o077)) != 0:
+        raise TLSSetupError(f'private key file "{key_file}" has group or world access; file must have permissions '
+                            "u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or "
+                            "less if owned by root")
+
+    def no_passphrase() -> bytes:
+        return b""
+    if not _openssl.use_private_key_file(ctx, key_file, no_passphrase) or not _openssl.check_private_key(ctx):
+        raise TLSSetupError(f'could not load private key file "{key_file}": {_openssl.error_reason()}')
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def peer_name_problem(certificate: x509.Certificate, host: str) -> str | None:
+    """libpq's verify-full check (pq_verify_peer_name_matches_certificate): dNSName and
+    iPAddress SANs, the CN only when no SAN of the host's kind exists; None if it matches."""
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = None
+    as_address = _is_ip_address(host)
+    names: list[str] = []
+    found = False
+    dns_names = sans.get_values_for_type(x509.DNSName) if sans else []
+    addresses = sans.get_values_for_type(x509.IPAddress) if sans else []
+    for name in dns_names:
+        names.append(name)
+        found = found or (not as_address and _dns_name_matches(name, host))
+    for address in addresses:
+        names.append(str(address))
+        found = found or (as_address and address == ipaddress.ip_address(host))
+    if (not as_address and not dns_names) or (as_address and not addresses):
+        common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if common_names:
+            cn = str(common_names[0].value)
+            names.append(cn)
+            found = found or _dns_name_matches(cn, host)
+    if found:
+        return None
+    if not names:
+        return "could not get server's host name from server certificate"
+    if len(names) == 1:
+        return f'server certificate for "{names[0]}" does not match host name "{host}"'
+    others = len(names) - 1
+    return (f'server certificate for "{names[0]}" (and {others} other name{"s" if others > 1 else ""}) '
+            f'does not match host name "{host}"')
+
+
+def _dns_name_matches(pattern: str, host: str) -> bool:
+    """libpq's wildcard_certificate_match: case-insensitive, "*." only as the first label,
+    matching one label."""
+    pattern, host = pattern.lower(), host.lower()
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        return host.endswith(suffix) and len(host) > len(suffix) and "." not in host[:-len(suffix)]
+    return pattern == host

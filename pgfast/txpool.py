@@ -36,12 +36,13 @@ RESET_TIMEOUT = 5.0
 _BALANCE_SECONDS = 0.05
 
 
-def pool_key(rules, params: list[tuple[str, str]]) -> tuple:
+def pool_key(rules, params: list[tuple[str, str]], route: str | None = None) -> tuple:
     """What a backend must share with a client to serve it: the role and database (by
     OID), the settings ALTER ROLE/DATABASE gives their sessions (changed ones make a new
-    pool, whose backends start under them), and the startup parameters pgfast does not
-    carry itself."""
-    return rules.role_oid, rules.database_oid, rules.settings, backend_params(params)
+    pool, whose backends start under them), the startup parameters pgfast does not
+    carry itself, and (upstream mode) which hosts it runs on."""
+    key = rules.role_oid, rules.database_oid, rules.settings, backend_params(params)
+    return key if route is None else (*key, route)
 
 
 def backend_params(params: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -77,6 +78,10 @@ class _Pool:
         # started with: read from a backend once, so a busy pool still greets at once
         self.greetings: dict[tuple, dict[str, str]] = {}
         self.sized_for_role = False           # pgfast.pool_size from ALTER ROLE/DATABASE: kept by reloads
+        # upstream mode: which hosts (the key holds it too) and what the role logs in with,
+        # the latest client's (credentials.py); None with the local PostgreSQL
+        self.route: str | None = None
+        self.secret = None
         self.assignments = 0                  # backends lent, and the microseconds clients waited for them
         self.wait_us = 0
 
@@ -86,10 +91,10 @@ class _Pool:
 
 
 class TransactionPools:
-    def __init__(self, socket_path: str, *, size: int, reserve_size: int, reserve_timeout: float, min_size: int,
+    def __init__(self, servers, *, size: int, reserve_size: int, reserve_timeout: float, min_size: int,
                  idle_timeout: float, lifetime: float, query_wait_timeout: float, reset_query: str,
                  backend_limit, shared, workers: int = 1):
-        self._socket_path = socket_path
+        self._servers = servers                   # backend.LocalServer or upstream.Upstream
         self._size = size
         self._reserve_size = reserve_size
         self._reserve_timeout = reserve_timeout
@@ -142,14 +147,18 @@ class TransactionPools:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def pool_for(self, key: tuple, params: list[tuple[str, str]], description: str, size: int | None = None) -> _Pool:
+    def pool_for(self, key: tuple, params: list[tuple[str, str]], description: str, size: int | None = None,
+                 secret=None, route: str | None = None) -> _Pool:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(key, backend_params(params), description,
                                             self._size if size is None else size)
             pool.sized_for_role = size is not None and size != self._size
+            pool.secret, pool.route = secret, route
             self._keep_minimum(pool)
             self._schedule_sweep()
+        elif secret is not None:
+            pool.secret = secret
         return pool
 
     # --- lending --------------------------------------------------------------------------
@@ -262,7 +271,8 @@ class TransactionPools:
 
     async def _open_backend(self, pool: _Pool) -> None:
         try:
-            backend, leftover = await open_backend(self._socket_path, pool.params, self._forget)
+            backend, leftover = await open_backend(self._servers.pick(pool.route), pool.params, self._forget,
+                                                   pool.secret)
         except asyncio.CancelledError:
             pool.opening -= 1
             self._uncount(pool)

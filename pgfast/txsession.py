@@ -113,13 +113,12 @@ async def greet(pools, pool, params: list[tuple[str, str]]) -> dict[str, str]:
 
 class TransactionSession:
 
-    def __init__(self, client, pools, pool, relay: TxRelay, idle_transaction_timeout: float, socket_path: str):
+    def __init__(self, client, pools, pool, relay: TxRelay, idle_transaction_timeout: float):
         self._client = client
         self._pools = pools
         self._pool = pool
         self.relay = relay
         self._idle_transaction_timeout = idle_transaction_timeout
-        self._socket_path = socket_path
         self._state = TxState.IDLE
         self._backend = None
         self._writing_paused = False
@@ -198,7 +197,7 @@ class TransactionSession:
     def forward_cancel(self) -> None:
         """A cancel for this client reaches only the backend running its transaction."""
         if self._state is TxState.ACTIVE:
-            self._backend.forward_cancel(self._socket_path)
+            self._backend.forward_cancel()
 
     def pause_backend(self) -> None:
         self._writing_paused = True

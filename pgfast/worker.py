@@ -42,9 +42,9 @@ class Service:
     hba: HbaRules
     ident: IdentMap
     tls: ServerTLS | None
-    socket_dir: str                      # PostgreSQL's private socket directory
-    socket_path: str
-    postmaster_pid: int
+    socket_dir: str                      # private: PostgreSQL's socket directory, or upstream mode's own
+    servers: object                      # where backends run: backend.LocalServer or upstream.Upstream
+    postmaster_pid: int | None           # None in upstream mode: pgfast started no PostgreSQL
     admin_user: str
     unix_sockets: list = field(default_factory=list)
     shared: Shared = field(default_factory=Shared)
@@ -54,6 +54,7 @@ class Service:
     known: dict | None = None                          # the settings PostgreSQL knows
     db_uid: int = 0                                    # who may own the key
     pidfile: PidFile | None = None
+    admin_secret: object = None                        # upstream mode: auth_user's login (credentials.Secret)
 
     def cancel_socket_path(self, worker: int) -> str:
         return os.path.join(self.socket_dir, f"cancel.{worker}")
@@ -97,11 +98,11 @@ def _pools(service: Service) -> tuple[Pool, TransactionPools]:
         # room for the catalog sessions
         return service.settings.max_connections - shared.total(BACKENDS)
 
-    pool = Pool(service.socket_path, size=option("pgfast.pool_size"), idle_timeout=option("pgfast.pool_idle_timeout"),
+    pool = Pool(service.servers, size=option("pgfast.pool_size"), idle_timeout=option("pgfast.pool_idle_timeout"),
                 lifetime=option("pgfast.pool_lifetime"), reset_query=option("pgfast.server_reset_query"),
                 backend_limit=backend_limit, shared=shared, balance=service.workers > 1)
     tx_pools = TransactionPools(
-        service.socket_path, size=option("pgfast.pool_size"), reserve_size=option("pgfast.reserve_pool_size"),
+        service.servers, size=option("pgfast.pool_size"), reserve_size=option("pgfast.reserve_pool_size"),
         reserve_timeout=option("pgfast.reserve_pool_timeout"), min_size=option("pgfast.min_pool_size"),
         idle_timeout=option("pgfast.pool_idle_timeout"), lifetime=option("pgfast.pool_lifetime"),
         query_wait_timeout=option("pgfast.query_wait_timeout"), reset_query=option("pgfast.server_reset_query"),
@@ -140,16 +141,21 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
 
     for mode in Mode:
         loop.add_signal_handler(mode.signal, on_signal, mode)
-    _watch_postmaster(loop, service.postmaster_pid, stopper, report=not supervised)
+    if service.postmaster_pid is not None:
+        _watch_postmaster(loop, service.postmaster_pid, stopper, report=not supervised)
 
     async def main() -> tuple[int, Mode]:
-        catalog = Catalog(service.socket_path, service.admin_user)
+        catalog = Catalog(service.servers, service.admin_user, secret=service.admin_secret)
         pool, tx_pools = _pools(service)
         frontend = Frontend(service.settings, service.hba, service.ident, service.tls, catalog, pool, tx_pools,
-                            service.socket_path, service.shared, index, service.workers,
+                            service.shared, index, service.workers,
                             service.cancel_socket_path, service.admin_socket_path)
         # the console's RELOAD: what SIGHUP does (under a supervisor, it tells every worker)
         frontend.request_reload = lambda: os.kill(os.getppid() if supervised else os.getpid(), signal.SIGHUP)
+        service.servers.start()
+        # upstream mode: the hosts' roles are known before the first client comes (a host
+        # that does not answer in time is taken for down, and asked again later)
+        await service.servers.first_check(service.settings.pgfast["pgfast.health_check_timeout"] + 1)
         await frontend.serve(tcp_sockets, service.unix_sockets)
 
         def on_sighup() -> None:
@@ -157,7 +163,7 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
             # only applied (and the supervisor tells PostgreSQL)
             reload(service, quiet=supervised)
             frontend.apply(service.settings, service.hba, service.ident, service.tls)
-            if not supervised:
+            if not supervised and service.postmaster_pid is not None:
                 _signal_postmaster(service.postmaster_pid, signal.SIGHUP)
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         log.start_background()
@@ -178,6 +184,7 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         grace = 0.0 if immediate else 2.0       # PostgreSQL lets them go in milliseconds; a loaded machine may take longer
         await asyncio.gather(pool.close(grace), tx_pools.close(grace))
         catalog.close()
+        service.servers.close()
         await _finish_tasks()
         return stopper.status, stopper.mode
 

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from pgfast.backend import LocalServer
 from pgfast.catalog import Catalog, CatalogError
 
 ROLES = 60
@@ -33,7 +34,7 @@ def run(coro):
 
 def test_a_cancelled_query_leaves_its_answer_to_no_one(postgres):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres")
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres")
         slow = asyncio.ensure_future(catalog.query("SELECT $1::text, pg_catalog.pg_sleep(0.3)::text", ("first",)))
         await asyncio.sleep(0.05)          # the query is in flight, on the one session
         slow.cancel()
@@ -49,7 +50,7 @@ def test_a_cancelled_query_leaves_its_answer_to_no_one(postgres):
 
 def test_concurrent_logins_given_up_at_random_each_get_their_own_answer(postgres, roles):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres")
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres")
         rng = random.Random(7)
         tasks = []
         for n in range(600):
@@ -73,7 +74,7 @@ def test_concurrent_logins_given_up_at_random_each_get_their_own_answer(postgres
 
 def test_an_error_is_the_failing_request_s_alone(postgres):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres")
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres")
         failing = asyncio.ensure_future(catalog.query("SELECT $1::text, 1/0", ("bad",)))
         fine = asyncio.ensure_future(catalog.query("SELECT $1::text", ("good",)))
         results = await asyncio.gather(failing, fine, return_exceptions=True)
@@ -86,7 +87,7 @@ def test_an_error_is_the_failing_request_s_alone(postgres):
 
 def test_facts_for_what_does_not_exist(postgres, roles):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres")
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres")
         try:
             return (await catalog.login_facts("nobody", "postgres", roles=True),
                     await catalog.login_facts("cat1", "nodb", roles=False),
@@ -101,7 +102,7 @@ def test_facts_for_what_does_not_exist(postgres, roles):
 
 def test_the_admin_session_moves_to_a_database_that_exists(postgres, roles):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres", databases=("dropped_long_ago", "template1"))
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres", databases=("dropped_long_ago", "template1"))
         try:
             facts = await catalog.login_facts("cat2", "postgres", roles=False)
             return facts, catalog._session.database
@@ -113,7 +114,7 @@ def test_the_admin_session_moves_to_a_database_that_exists(postgres, roles):
 
 def test_letting_go_answers_what_is_queued_first(postgres):
     async def scenario():
-        catalog = Catalog(postgres.socket_path, "postgres")
+        catalog = Catalog(LocalServer(postgres.socket_path), "postgres")
         queued = asyncio.ensure_future(catalog.query("SELECT $1::text, pg_catalog.pg_sleep(0.1)::text", ("q",)))
         await asyncio.sleep(0.02)
         first = catalog._session

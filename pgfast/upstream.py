@@ -1,0 +1,340 @@
+"""Upstream mode: the PostgreSQL servers pgfast fronts run elsewhere (pgfast.upstream, a
+libpq connection string), reached over TCP and TLS the way libpq reaches them.
+
+Each host's role is learned by asking it (pg_is_in_recovery()) and asked again every
+pgfast.health_check_period, as pgfast.auth_user. A host's state changes only in
+UpstreamHost._set_state, from a health check's answer:
+
+    UNKNOWN -> PRIMARY | STANDBY | DOWN,  and between any two of those on a later check
+
+Routes say which hosts a backend may run on: "primary" (read-write, the default) or
+"standby" (the clients who asked for a database with pgfast.standby_suffix): standbys
+within pgfast.max_standby_lag of the primary, taken in turn.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import struct
+import time
+
+from . import conninfo, log, messages
+from ._framing import SSL_REQUEST_CODE
+from ._pump import TLSError
+from ._tlsstream import TLSTransport
+from .backend import CANCEL_TIMEOUT, BackendConnection, open_backend
+from .credentials import Secret
+from .negotiation import PRIMARY, STANDBY
+from .tls import ClientTLS
+
+_HEALTH_QUERY = ("SELECT pg_catalog.pg_is_in_recovery(), "
+                 "CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() "
+                 "ELSE pg_catalog.pg_current_wal_lsn() END")
+_SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)
+
+
+class HostState(enum.Enum):
+    UNKNOWN = "unknown"      # not asked yet
+    PRIMARY = "primary"
+    STANDBY = "standby"
+    DOWN = "down"            # its last health check failed: out of rotation
+
+
+class UpstreamError(ConnectionError):
+    """What libpq would say of a connection attempt, prefixed as libpq prefixes it."""
+
+
+def _lsn(text: str | None) -> int | None:
+    if not text:
+        return None
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+class _Negotiation(asyncio.Protocol):
+    """The TCP connection until it carries PostgreSQL's protocol: the SSLRequest's answer
+    and the TLS handshake's records."""
+
+    def __init__(self):
+        self.transport = None
+        self._data = bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._lost: Exception | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self._data += data
+        self._wake()
+
+    def eof_received(self):
+        self._lost = ConnectionError("server closed the connection unexpectedly")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc):
+        self._lost = exc or ConnectionError("server closed the connection unexpectedly")
+        self._wake()
+
+    def _wake(self):
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def receive(self) -> bytes:
+        while not self._data:
+            if self._lost is not None:
+                raise self._lost
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data, self._data = bytes(self._data), bytearray()
+        return data
+
+
+class UpstreamHost:
+    """One host of pgfast.upstream: how to reach it, and what its last health check said."""
+
+    def __init__(self, upstream: "Upstream", host: conninfo.Host):
+        self.upstream = upstream
+        self.host = host
+        self.address = (host.host, host.port)
+        self.state = HostState.UNKNOWN
+        self.lsn: int | None = None          # its WAL position at the last check
+        self.checked_at = 0.0
+        self.failure: str | None = None      # why its last check failed
+
+    def __repr__(self) -> str:
+        return f"{self.host.host}:{self.host.port}"
+
+    @property
+    def label(self) -> str:
+        """libpq's prefix for an error on this host."""
+        return f'connection to server at "{self.host.host}", port {self.host.port} failed'
+
+    def _set_state(self, new: HostState, failure: str | None = None) -> None:
+        if new is not self.state:
+            if new is HostState.DOWN:
+                log.log(f"upstream server {self!r} is out of rotation: {failure}")
+            elif self.state is not HostState.UNKNOWN:
+                log.log(f"upstream server {self!r} is now a {new.value}")
+        self.state = new
+        self.failure = failure
+
+    def passfile_secret(self, user: str, database: str) -> Secret:
+        """Without an entry, an empty secret: a password request gets libpq's "no password
+        supplied", never a pass through to the client."""
+        password = self.upstream.password_for(self.host, database, user)
+        return Secret(password=password.encode()) if password is not None else Secret()
+
+    # --- connections ------------------------------------------------------------------
+
+    async def connect(self, factory):
+        """factory()'s protocol on a new connection to this host, TLS set up as sslmode
+        says; raises UpstreamError with libpq's words."""
+        timeout = self.upstream.info.connect_timeout
+        try:
+            return await asyncio.wait_for(self._connect(factory), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"{self.label}: timeout expired") from None
+        except UpstreamError:
+            raise
+        except (OSError, TLSError) as exc:
+            raise UpstreamError(f"{self.label}: {_reason(exc)}") from None
+
+    async def _connect(self, factory):
+        loop = asyncio.get_running_loop()
+        info = self.upstream.info
+        transport, negotiation = await loop.create_connection(_Negotiation, self.host.hostaddr or self.host.host,
+                                                              self.host.port)
+        try:
+            tls_session = None
+            if info.sslmode not in ("disable", "allow"):
+                transport.write(_SSL_REQUEST)
+                answer = await negotiation.receive()
+                if answer[:1] == b"S" and len(answer) == 1:
+                    tls_session = await self._handshake(transport, negotiation)
+                elif answer[:1] == b"N" and len(answer) == 1:
+                    if info.sslmode != "prefer":
+                        raise UpstreamError(f"{self.label}: server does not support SSL, but SSL was required")
+                else:
+                    raise UpstreamError(f"{self.label}: received invalid response to SSL negotiation: "
+                                        f"{chr(answer[0]) if answer else ''}")
+        except BaseException:
+            transport.abort()
+            raise
+        protocol = factory()
+        if tls_session is not None:
+            wrapped = TLSTransport(transport, tls_session.pump, protocol)
+            if isinstance(protocol, BackendConnection):
+                protocol.tls = f"{tls_session.version}/{tls_session.connection.get_cipher_name()}"
+            protocol.connection_made(wrapped)
+        else:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+        return protocol
+
+    async def _handshake(self, transport, negotiation: _Negotiation):
+        tls: ClientTLS = self.upstream.tls
+        session = tls.new_session(self.host.host)
+        pump = session.pump
+        try:
+            done = pump.handshake(b"")
+            while True:
+                out = pump.pending_ciphertext()
+                if out:
+                    transport.write(out)
+                if done:
+                    break
+                done = pump.handshake(await negotiation.receive())
+        except TLSError as exc:
+            out = pump.pending_ciphertext()
+            if out:
+                transport.write(out)        # the alert, so the server logs why
+            raise UpstreamError(f"{self.label}: SSL error: {exc}") from None
+        problem = tls.check_peer(session, self.host.host)
+        if problem is not None:
+            raise UpstreamError(f"{self.label}: {problem}")
+        return session
+
+    async def send_cancel(self, pid: int, secret_key: int) -> None:
+        """A CancelRequest over a connection of its own (over TLS when sslmode asks for
+        it), returning once the server has closed it: it has signalled the backend."""
+        done = asyncio.get_running_loop().create_future()
+
+        class Cancel(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                transport.write(messages.cancel_request(pid, secret_key))
+
+            def data_received(self, data):
+                pass
+
+            def eof_received(self):
+                return False
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(None)
+        protocol = await self.connect(Cancel)
+        try:
+            await asyncio.wait_for(done, CANCEL_TIMEOUT)
+        finally:
+            protocol.transport.close()
+
+    # --- health -------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Ask the host what it is, as pgfast.auth_user; DOWN if it cannot say in time."""
+        upstream = self.upstream
+        backend = None
+        try:
+            backend, _ = await asyncio.wait_for(open_backend(self, upstream.check_params), upstream.check_timeout)
+            rows, error = await backend.fetch(_HEALTH_QUERY, upstream.check_timeout)
+            if error is not None:
+                raise UpstreamError(error.get("M", "health check failed"))
+            in_recovery, lsn = rows[0]
+        except (OSError, asyncio.TimeoutError, Exception) as exc:
+            self._set_state(HostState.DOWN, _reason(exc) or "timeout expired")
+            return
+        finally:
+            if backend is not None:
+                backend.close()
+        self.lsn = _lsn(lsn)
+        self.checked_at = time.monotonic()
+        self._set_state(HostState.STANDBY if in_recovery == "t" else HostState.PRIMARY)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+class Upstream:
+    """Every host of pgfast.upstream, their health checks and the routes (see the module
+    doc). pick() is what the pools and the catalog open backends through."""
+
+    def __init__(self, info: conninfo.Upstream, tls: ClientTLS | None, *, passfile: list, auth_user: str,
+                 check_period: float, check_timeout: float, max_standby_lag: int):
+        self.info = info
+        self.tls = tls
+        self.hosts = [UpstreamHost(self, host) for host in info.hosts]
+        self._passfile = passfile
+        self.check_params = [("user", auth_user), ("database", info.dbname or "postgres"),
+                             ("application_name", "pgfast health check")]
+        self.check_period = check_period
+        self.check_timeout = check_timeout
+        self.max_standby_lag = max_standby_lag
+        self._turn = itertools.count()
+        self._checker: asyncio.Task | None = None
+        self._checked = asyncio.Event()
+
+    def password_for(self, host: conninfo.Host, database: str, user: str) -> str | None:
+        return conninfo.password_for(self._passfile, host.host, host.port, database, user)
+
+    # --- routes -----------------------------------------------------------------------
+
+    def pick(self, route: str | None = None) -> UpstreamHost:
+        """The host a new backend for route runs on; UpstreamError when none may serve it."""
+        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        if route == STANDBY:
+            ready = [h for h in self.hosts if h.state is HostState.STANDBY and self._caught_up(h, primary)]
+            if ready:
+                return ready[next(self._turn) % len(ready)]
+            raise UpstreamError("no standby server is available" + self._why())
+        if primary is None:
+            raise UpstreamError("no primary server is available" + self._why())
+        return primary
+
+    def _caught_up(self, standby: UpstreamHost, primary: UpstreamHost | None) -> bool:
+        if primary is None or primary.lsn is None or standby.lsn is None:
+            return True     # nothing to compare with: a standby serves reads on its own
+        return primary.lsn - standby.lsn <= self.max_standby_lag
+
+    def _why(self) -> str:
+        failures = [f"{h!r}: {h.failure}" for h in self.hosts if h.failure]
+        return f" ({'; '.join(failures)})" if failures else ""
+
+    def describe(self) -> list[dict]:
+        """SHOW UPSTREAM's rows (console.py)."""
+        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        return [{"host": h.host.host, "port": h.host.port, "state": h.state.value,
+                 "lag_bytes": (primary.lsn - h.lsn) if h.state is HostState.STANDBY and primary and primary.lsn
+                 is not None and h.lsn is not None else None,
+                 "failure": h.failure or ""} for h in self.hosts]
+
+    # --- health checks ----------------------------------------------------------------
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(host.check() for host in self.hosts))
+        self._checked.set()
+
+    def start(self) -> None:
+        self._checker = asyncio.get_running_loop().create_task(self._check_forever(), context=log.detached())
+
+    async def _check_forever(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.check_period)
+
+    async def first_check(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._checked.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+
+
+def load_passfile(path: str) -> list:
+    """pgfast.passfile's entries; refused unless private (mode 0600), like a key file."""
+    if not os.path.exists(path):
+        return []
+    conninfo.check_passfile_permissions(path)
+    return conninfo.read_passfile(path)

@@ -1,0 +1,194 @@
+"""Upstream mode: pgfast in front of a primary and two streaming standbys on this machine
+(tests/replicas.py), TLS verified at both ends, logging in to the upstream as each
+client's role with what the client proved at the front.
+
+The module's last tests change the cluster (a standby stopped, then a failover); they run
+in file order."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tempfile
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+import certs
+from conftest import Pgfast, chown_tree, free_port, run_pgfast, wait_until, write_file
+from replicas import SUPERUSER_PASSWORD, ReplicaCluster
+
+APP_PASSWORD = "app-secret"
+PLAIN_PASSWORD = "plain-secret"
+SERVICE_PASSWORD = "service-secret"
+FRONT_HBA = """\
+local    all  service     trust
+local    all  nopassword  trust
+hostssl  all  plain_user  127.0.0.1/32  password
+hostssl  all  all         127.0.0.1/32  scram-sha-256
+hostnossl all all         127.0.0.1/32  reject
+"""
+
+
+@pytest.fixture(scope="module")
+def replicas(bindir, module_dir):
+    cluster = ReplicaCluster(bindir, tempfile.mkdtemp(prefix="replicas-", dir=module_dir), standbys=2).start()
+    cluster.primary.sql(
+        f"CREATE ROLE app_user LOGIN PASSWORD '{APP_PASSWORD}';"
+        f"CREATE ROLE plain_user LOGIN PASSWORD '{PLAIN_PASSWORD}';"
+        f"CREATE ROLE service LOGIN PASSWORD '{SERVICE_PASSWORD}';"
+        "CREATE ROLE nopassword LOGIN PASSWORD 'unknown-to-pgfast'")
+    cluster.primary.sql("CREATE DATABASE app OWNER app_user")
+    cluster.primary.sql("CREATE TABLE notes (id int PRIMARY KEY, body text); ALTER TABLE notes OWNER TO app_user;"
+                        "GRANT SELECT ON notes TO plain_user, service", dbname="app")
+    cluster.wait_replayed()
+    yield cluster
+    cluster.stop()
+
+
+def _upstream_dir(parent: str, conninfo: str, passfile: str, env: dict, extra: str = "") -> str:
+    base = tempfile.mkdtemp(prefix="front-", dir=parent)
+    os.chmod(base, 0o755)
+    data_dir = os.path.join(base, "front")
+    result = run_pgfast("init", "-D", data_dir, "--upstream", conninfo, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    write_file(os.path.join(data_dir, "pg_hba.conf"), FRONT_HBA)
+    write_file(os.path.join(data_dir, "upstream.pgpass"), passfile)
+    with open(os.path.join(data_dir, "postgresql.conf"), "a") as f:
+        f.write("pgfast.workers = 1\npgfast.health_check_period = 1\npgfast.health_check_timeout = 2\n" + extra)
+    chown_tree(base)
+    return data_dir
+
+
+def _front(parent: str, conninfo: str, env: dict, extra: str = "", passfile: str | None = None) -> Pgfast:
+    passfile = passfile if passfile is not None else (f"*:*:*:postgres:{SUPERUSER_PASSWORD}\n"
+                                                      f"*:*:*:service:{SERVICE_PASSWORD}\n")
+    data_dir = _upstream_dir(parent, conninfo, passfile, env, extra)
+    socket_dir = tempfile.mkdtemp(prefix="sock-", dir=os.path.dirname(data_dir))
+    os.chmod(socket_dir, 0o777)
+    return Pgfast(data_dir, free_port(), socket_dir, [], dict(env))
+
+
+@pytest.fixture(scope="module")
+def front(replicas, module_dir, module_env):
+    conninfo = f"{replicas.hosts_conninfo()} sslmode=verify-full sslrootcert={replicas.ca_file} dbname=postgres"
+    server = _front(module_dir, conninfo, module_env).start()
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log, server.log
+
+
+def front_dsn(front: Pgfast, **params) -> str:
+    values = {"host": "localhost", "port": front.port, "dbname": "app", "user": "app_user",
+              "password": APP_PASSWORD, "sslmode": "verify-full",
+              "sslrootcert": os.path.join(front.data_dir, "server.crt"), "connect_timeout": 10}
+    values.update(params)
+    return " ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+
+
+def psql(bindir: str, dsn: str, sql: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(bindir, "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dsn,
+                           "-c", sql], capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_scram_pass_through_reaches_the_primary_over_verified_tls(front, replicas, bindir, module_env):
+    """The client's SCRAM proof at the front logs pgfast in to the primary as app_user,
+    over TLS (pg_stat_ssl on the upstream) with the certificate checked (verify-full)."""
+    result = psql(bindir, front_dsn(front), "SELECT current_user, inet_server_port(), pg_is_in_recovery(), "
+                  "(SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())", module_env)
+    assert result.returncode == 0, result.stderr + front.log
+    assert result.stdout.strip() == f"app_user|{replicas.primary.port}|f|t"
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"])
+def test_every_sslmode_at_the_front_with_verify_full_at_the_back(front, bindir, module_env, sslmode):
+    result = psql(bindir, front_dsn(front, sslmode=sslmode, host="localhost"),
+                  "SELECT current_user || ':' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
+                  module_env)
+    if sslmode == "disable":        # hostssl only, as the front's pg_hba.conf says
+        assert result.returncode != 0
+        assert ('pg_hba.conf rejects connection for host "127.0.0.1", user "app_user", database "app", '
+                "no encryption") in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "app_user:true" or result.stdout.strip() == "app_user:t"
+
+
+def test_psycopg_and_asyncpg_pass_through(front, replicas):
+    with psycopg.connect(front_dsn(front)) as conn:
+        conn.execute("INSERT INTO notes VALUES (1, 'from psycopg') ON CONFLICT (id) DO NOTHING")
+        conn.commit()
+        assert conn.execute("SELECT current_user, inet_server_port()").fetchone() == ("app_user",
+                                                                                     replicas.primary.port)
+
+    async def with_asyncpg():
+        import ssl
+        context = ssl.create_default_context(cafile=os.path.join(front.data_dir, "server.crt"))
+        conn = await asyncpg.connect(host="localhost", port=front.port, user="app_user", password=APP_PASSWORD,
+                                     database="app", ssl=context)
+        try:
+            return await conn.fetchval("SELECT body FROM notes WHERE id = $1", 1)
+        finally:
+            await conn.close()
+    assert asyncio.run(with_asyncpg()) == "from psycopg"
+
+
+def test_a_wrong_password_is_refused_at_the_front(front, bindir, module_env):
+    result = psql(bindir, front_dsn(front, password="wrong"), "SELECT 1", module_env)
+    assert result.returncode != 0
+    assert 'password authentication failed for user "app_user"' in result.stderr
+
+
+def test_the_password_method_logs_in_upstream_with_the_password(front, bindir, module_env):
+    """Under the password method the front has the password itself, and the upstream's
+    SCRAM exchange is done with it."""
+    result = psql(bindir, front_dsn(front, user="plain_user", password=PLAIN_PASSWORD), "SELECT current_user",
+                  module_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "plain_user"
+
+
+def test_a_role_without_a_password_from_its_client_uses_the_passfile(front, bindir, module_env):
+    """A role that logs in at the front without a password (trust, peer, cert) has pgfast
+    log in to the upstream with pgfast.passfile's password; without one, libpq's words."""
+    local = f"host={front.socket_dir} port={front.port} dbname=app"
+    result = psql(bindir, f"{local} user=service", "SELECT current_user, count(*) FROM notes", module_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("service|")
+    result = psql(bindir, f"{local} user=nopassword", "SELECT 1", module_env)
+    assert result.returncode != 0
+    assert "fe_sendauth: no password supplied" in result.stderr, result.stderr
+
+
+def test_reads_spread_over_the_standbys(front, replicas):
+    """dbname=app@standby: a standby of app, each new backend on the next one."""
+    connections = [psycopg.connect(front_dsn(front, dbname="app@standby")) for _ in range(4)]
+    try:
+        for conn in connections:
+            assert conn.execute("SELECT pg_is_in_recovery(), current_database()").fetchone() == (True, "app")
+        ports = {conn.execute("SELECT inet_server_port()").fetchone()[0] for conn in connections}
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            connections[0].execute("INSERT INTO notes VALUES (2, 'no')")
+    finally:
+        for conn in connections:
+            conn.close()
+    assert ports == {standby.port for standby in replicas.standbys}
+
+
+@pytest.mark.parametrize("dbname", ["app", "app@standby"])
+def test_cancel_reaches_the_host_running_the_query(front, dbname):
+    with psycopg.connect(front_dsn(front, dbname=dbname)) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        started = time.monotonic()
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(20)")
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 10
+        conn.rollback()
+        assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
