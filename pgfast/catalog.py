@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from . import log, messages
 from ._framing import ProtocolViolation, ReadBuffer
 from .backend import BackendConnection, BackendRefused, open_backend
+from .negotiation import ANY
 
 IDLE_SECONDS = 60.0
 _RESULT_LIMIT = 1 << 24
@@ -58,6 +59,31 @@ LOGIN_FACTS = (
     "FROM (SELECT) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = $1 "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = $2")
+
+
+# the columns of LOGIN_FACTS, for a SECURITY DEFINER function that runs it for a role that
+# may not read pg_authid itself (upstream mode's pgfast.auth_query; see auth_function_sql)
+_FACTS_COLUMNS = ("user_name text, database_name text, asked text, role_oid oid, secret text, can_login boolean, "
+                  "expired boolean, role_limit integer, database_oid oid, allow_connections boolean, "
+                  "database_limit integer, can_connect boolean, settings text, memberships text, "
+                  "pgfast_settings text")
+# The catalog session's search_path, from its startup packet (which no role or database
+# setting overrides): only the system catalogs, so an auth_query that is not
+# schema-qualified finds nothing of anyone else's (PgBouncer's CVE-2025-12819).
+SEARCH_PATH = "pg_catalog, pg_temp"
+
+
+def auth_function_sql(schema: str = "pgfast", grantee: str = "pgfast_auth") -> str:
+    """SQL that creates the function pgfast.auth_query can call as a role without access
+    to pg_authid: run it as a superuser on the primary."""
+    return (f"CREATE SCHEMA IF NOT EXISTS {schema};\n"
+            f"CREATE OR REPLACE FUNCTION {schema}.login_facts(text, text, text)\n"
+            f"  RETURNS TABLE ({_FACTS_COLUMNS})\n"
+            f"  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = {SEARCH_PATH}\n"
+            f"  AS $pgfast${LOGIN_FACTS}$pgfast$;\n"
+            f"REVOKE ALL ON FUNCTION {schema}.login_facts(text, text, text) FROM PUBLIC;\n"
+            f"GRANT USAGE ON SCHEMA {schema} TO {grantee};\n"
+            f"GRANT EXECUTE ON FUNCTION {schema}.login_facts(text, text, text) TO {grantee};\n")
 
 
 def _as_text(name: str) -> str:
@@ -253,10 +279,11 @@ class CatalogSession(asyncio.Protocol):
 
 
 class Catalog:
-    def __init__(self, servers, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES, secret=None):
-        self._servers = servers                 # backend.LocalServer or upstream.Upstream
+    def __init__(self, servers, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES,
+                 facts_query: str = LOGIN_FACTS):
+        self.servers = servers                  # backend.LocalServer or upstream.Upstream
         self._admin_user = admin_user
-        self._secret = secret                   # the admin role's login on an upstream (credentials.py)
+        self._facts_query = facts_query         # LOGIN_FACTS, or pgfast.auth_query's call of it
         self._databases = databases
         self._session: CatalogSession | None = None
         self._opening: asyncio.Task | None = None
@@ -267,10 +294,10 @@ class Catalog:
         refusal = None
         for database in self._databases:
             try:
-                # the primary: a standby's catalogs may lag behind a change of password
-                backend, _ = await open_backend(self._servers.pick("primary"), [
-                    ("user", self._admin_user), ("database", database), ("application_name", "pgfast")],
-                    secret=self._secret)
+                # the primary, whose catalogs are current, or while there is none a standby
+                backend, _ = await open_backend(self.servers.pick(ANY), [
+                    ("user", self._admin_user), ("database", database), ("application_name", "pgfast"),
+                    ("search_path", SEARCH_PATH)])
             except BackendRefused as exc:
                 refusal = exc
                 if exc.fields.get("C") in _NO_SUCH_DATABASE:
@@ -336,13 +363,13 @@ class Catalog:
     async def login_facts(self, user: str, database: str, *, roles: bool) -> LoginFacts:
         asked = "roles" if roles else ""
         try:
-            rows = await self.query(LOGIN_FACTS, (user, database, asked))
+            rows = await self.query(self._facts_query, (user, database, asked))
         except CatalogError as exc:
             if exc.sqlstate != _BAD_ENCODING:
                 raise
             # a name that is not text in the catalogs' encoding names nothing there, as
             # PostgreSQL finds when it looks the bytes up; '' is no role's or database's name
-            rows = await self.query(LOGIN_FACTS, (_as_text(user), _as_text(database), asked))
+            rows = await self.query(self._facts_query, (_as_text(user), _as_text(database), asked))
         if len(rows) != 1:
             raise CatalogError(f"the login query returned {len(rows)} rows")
         (_, _, _, role_oid, secret, can_login, expired, role_limit, database_oid, allow, database_limit,
@@ -390,5 +417,6 @@ def log_catalog_failure(exc: CatalogError) -> None:
         return
     _last_failure_logged = now
     log.log(f"pgfast could not read PostgreSQL's catalogs: {exc}",
-            hint="pgfast reads them as pgfast.admin_user (default: the account running PostgreSQL); "
-                 "that role must exist and be a superuser.")
+            hint="pgfast reads them as pgfast.admin_user (default: the account running PostgreSQL), which must "
+                 "exist and be a superuser; in upstream mode as pgfast.auth_user, a superuser or a role that "
+                 "pgfast.auth_query's function serves.")

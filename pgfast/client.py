@@ -378,8 +378,9 @@ class ClientConnection(asyncio.Protocol):
             raise Refused(*self._frontend.refusal)
         if not self._frontend.take_client():
             raise Refused("53300", "sorry, too many clients already")
-        if self._frontend.upstream_mode:
-            startup, self._route = split_route(startup, self._frontend.settings.pgfast["pgfast.standby_suffix"])
+        if self._frontend.upstream is not None:
+            startup, self._route = split_route(startup, self._frontend.settings.pgfast["pgfast.standby_suffix"],
+                                               self._frontend.upstream.default_route)
         self._startup = startup
         # the host configuration the handshake used: a reload does not change it under us
         tls = self._tls.host if self._tls is not None else None

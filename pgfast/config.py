@@ -383,6 +383,9 @@ PGFAST_SETTINGS: dict[str, tuple[_Parser, object]] = {
     "pgfast.upstream": (_string, None),
     # the role that reads the upstream's catalogs and runs the health checks; None: admin_user's rule
     "pgfast.auth_user": (_string, None),
+    # the login query pgfast.auth_user runs instead of reading pg_authid itself: a call of the
+    # SECURITY DEFINER function catalog.auth_function_sql() creates; None: the built-in query
+    "pgfast.auth_query": (_string, None),
     # passwords of the roles pgfast logs in as by itself, in libpq's .pgpass format, mode 0600
     "pgfast.passfile": (_string, "upstream.pgpass"),
     "pgfast.health_check_period": (_integer(1, 86400, seconds=True), 10),

@@ -42,7 +42,8 @@ class Frontend:
         self.tls = tls
         self.catalog = catalog
         self.pool = pool
-        self.upstream_mode = settings.pgfast["pgfast.upstream"] is not None
+        # upstream mode: the servers the backends run on (upstream.Upstream); None: the local one
+        self.upstream = catalog.servers if settings.pgfast["pgfast.upstream"] is not None else None
         # what an unknown role's password is checked as (PostgreSQL: password_encryption)
         self.password_encryption = settings.raw.get("password_encryption", "scram-sha-256").lower()
         self.clients: set[ClientConnection] = set()

@@ -140,17 +140,18 @@ def _startup_message(minor: int, body: bytes) -> StartupMessage:
     return StartupMessage(minor, params, options, *user_and_database(params), replication, walsender)
 
 
-# upstream mode's routes (upstream.Upstream.pick): which hosts a client's backends run on
-PRIMARY, STANDBY = "primary", "standby"
+# upstream mode's routes (upstream.Upstream.pick): which hosts a client's backends run on.
+# ANY: the primary while there is one, else a standby (the catalogs: pg_authid is replicated)
+PRIMARY, STANDBY, PREFER_STANDBY, ANY = "primary", "standby", "prefer-standby", "any"
 
 
-def split_route(startup: StartupMessage, suffix: str) -> tuple[StartupMessage, str]:
+def split_route(startup: StartupMessage, suffix: str, default: str = PRIMARY) -> tuple[StartupMessage, str]:
     """The client's real database and its route: "app" + suffix asks for a standby of
     "app", and from here on the client's database is "app" (for pg_hba.conf, the
-    catalogs and the backend's startup packet alike)."""
+    catalogs and the backend's startup packet alike); other names take the default."""
     database = startup.database
     if not suffix or not database.endswith(suffix) or database == suffix:
-        return startup, PRIMARY
+        return startup, default
     real = database[:-len(suffix)]
     params = [(k, real if k == "database" else v) for k, v in startup.params]
     if not any(k == "database" for k, _ in startup.params):

@@ -21,7 +21,10 @@ from .tls import load_server_tls
 # what pgfast reads at start only (PostgreSQL's PGC_POSTMASTER, and pgfast's own)
 _RESTART_FIELDS = ("listen_addresses", "port", "unix_socket_directories", "max_connections")
 RESTART_PGFAST = ("pgfast.workers", "pgfast.postgres_bin", "pgfast.admin_user", "pgfast.metrics_listen",
-                   "pgfast.hosts_file")
+                   "pgfast.hosts_file",
+                   # upstream mode's: the hosts, their TLS and passwords, and the checks are set up once
+                   "pgfast.upstream", "pgfast.auth_user", "pgfast.auth_query", "pgfast.passfile",
+                   "pgfast.health_check_period", "pgfast.health_check_timeout", "pgfast.max_standby_lag")
 
 
 def _emit(quiet: bool, message: str, **kw) -> None:

@@ -67,8 +67,9 @@ def _check_not_running(data_dir: str) -> None:
 
 
 def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
-    if _upstream_mode(data_dir, overrides):
-        return run_upstream(data_dir, overrides, user)
+    settings = _upstream_settings(data_dir, overrides)
+    if settings is not None:
+        return run_upstream(settings, overrides, user)
     initialised = _initialise_if_needed(data_dir, overrides, user)
     if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
         raise StartupError(f'"{data_dir}" is not a valid data directory',
@@ -129,11 +130,14 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
 
 # --- upstream mode: no PostgreSQL here; the servers of pgfast.upstream serve ---------------
 
-def _upstream_mode(data_dir: str, overrides: list[tuple[str, str]]) -> bool:
+def _upstream_settings(data_dir: str, overrides: list[tuple[str, str]]) -> config.Settings | None:
+    """The settings, when DIR is for upstream mode (a configuration with pgfast.upstream
+    and no PostgreSQL data). No PostgreSQL checks the names: any are taken."""
     if os.path.isfile(os.path.join(data_dir, "PG_VERSION")) or not os.path.isfile(
             os.path.join(data_dir, "postgresql.conf")):
-        return False
-    return config.load(data_dir, overrides, known=None).pgfast["pgfast.upstream"] is not None
+        return None
+    settings = config.load(data_dir, overrides, known=None)
+    return settings if settings.pgfast["pgfast.upstream"] is not None else None
 
 
 def load_upstream(settings: config.Settings) -> upstream.Upstream:
@@ -159,8 +163,8 @@ def _auth_user(settings: config.Settings) -> str:
     return settings.pgfast.get("pgfast.auth_user") or settings.pgfast.get("pgfast.admin_user") or "postgres"
 
 
-def run_upstream(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> int:
-    settings = config.load(data_dir, overrides, known=None)
+def run_upstream(settings: config.Settings, overrides: list[tuple[str, str]], user: str | None) -> int:
+    data_dir = settings.data_dir
     account = accounts.database_account(data_dir, user)
     lock = PidFile(data_dir, settings.port, (settings.unix_socket_directories or [""])[0],
                    (settings.listen_addresses or [""])[0])

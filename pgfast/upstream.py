@@ -7,9 +7,11 @@ UpstreamHost._set_state, from a health check's answer:
 
     UNKNOWN -> PRIMARY | STANDBY | DOWN,  and between any two of those on a later check
 
-Routes say which hosts a backend may run on: "primary" (read-write, the default) or
+Routes say which hosts a backend may run on (negotiation.py): "primary" (read-write), or
 "standby" (the clients who asked for a database with pgfast.standby_suffix): standbys
-within pgfast.max_standby_lag of the primary, taken in turn.
+within pgfast.max_standby_lag of the primary, taken in turn. Other database names take
+the route of the upstream's target_session_attrs: read-only and standby route to standbys,
+prefer-standby to a standby while one is ready, anything else to the primary.
 """
 from __future__ import annotations
 
@@ -26,13 +28,16 @@ from ._pump import TLSError
 from ._tlsstream import TLSTransport
 from .backend import CANCEL_TIMEOUT, BackendConnection, open_backend
 from .credentials import Secret
-from .negotiation import PRIMARY, STANDBY
+from .negotiation import ANY, PREFER_STANDBY, PRIMARY, STANDBY
 from .tls import ClientTLS
 
 _HEALTH_QUERY = ("SELECT pg_catalog.pg_is_in_recovery(), "
                  "CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() "
                  "ELSE pg_catalog.pg_current_wal_lsn() END")
 _SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)
+
+
+_ROUTES = {"read-only": STANDBY, "standby": STANDBY, "prefer-standby": PREFER_STANDBY}
 
 
 class HostState(enum.Enum):
@@ -115,10 +120,11 @@ class UpstreamHost:
 
     def _set_state(self, new: HostState, failure: str | None = None) -> None:
         if new is not self.state:
+            # about the host, whichever client's connection found it out
             if new is HostState.DOWN:
-                log.log(f"upstream server {self!r} is out of rotation: {failure}")
+                log.detached().run(log.log, f"upstream server {self!r} is out of rotation: {failure}")
             elif self.state is not HostState.UNKNOWN:
-                log.log(f"upstream server {self!r} is now a {new.value}")
+                log.detached().run(log.log, f"upstream server {self!r} is now a {new.value}")
         self.state = new
         self.failure = failure
 
@@ -136,12 +142,14 @@ class UpstreamHost:
         timeout = self.upstream.info.connect_timeout
         try:
             return await asyncio.wait_for(self._connect(factory), timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamError(f"{self.label}: timeout expired") from None
-        except UpstreamError:
-            raise
-        except (OSError, TLSError) as exc:
-            raise UpstreamError(f"{self.label}: {_reason(exc)}") from None
+        except (OSError, TLSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                failure = UpstreamError(f"{self.label}: timeout expired")
+            else:
+                failure = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{self.label}: {_reason(exc)}")
+            # out of rotation now, not at the next health check, which puts it back once it answers
+            self._set_state(HostState.DOWN, str(failure))
+            raise failure from None
 
     async def _connect(self, factory):
         loop = asyncio.get_running_loop()
@@ -235,7 +243,7 @@ class UpstreamHost:
             if error is not None:
                 raise UpstreamError(error.get("M", "health check failed"))
             in_recovery, lsn = rows[0]
-        except (OSError, asyncio.TimeoutError, Exception) as exc:
+        except Exception as exc:        # whatever went wrong, the host cannot serve now
             self._set_state(HostState.DOWN, _reason(exc) or "timeout expired")
             return
         finally:
@@ -247,8 +255,8 @@ class UpstreamHost:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?"
+    """libpq's words for a failed connection, on one line (libpq's hint for a refused
+    connection would make it two)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
@@ -278,14 +286,20 @@ class Upstream:
 
     # --- routes -----------------------------------------------------------------------
 
+    @property
+    def default_route(self) -> str:
+        """The route of a database named without pgfast.standby_suffix."""
+        return _ROUTES.get(self.info.target_session_attrs, PRIMARY)
+
     def pick(self, route: str | None = None) -> UpstreamHost:
         """The host a new backend for route runs on; UpstreamError when none may serve it."""
         primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
-        if route == STANDBY:
+        if route in (STANDBY, PREFER_STANDBY) or (route == ANY and primary is None):
             ready = [h for h in self.hosts if h.state is HostState.STANDBY and self._caught_up(h, primary)]
             if ready:
                 return ready[next(self._turn) % len(ready)]
-            raise UpstreamError("no standby server is available" + self._why())
+            if route == STANDBY:
+                raise UpstreamError("no standby server is available" + self._why())
         if primary is None:
             raise UpstreamError("no primary server is available" + self._why())
         return primary

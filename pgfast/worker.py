@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import log, pidfile
 from .metrics import close_in_forked_worker, metrics
 from ._shared import BACKENDS, Shared
-from .catalog import Catalog
+from .catalog import LOGIN_FACTS, Catalog
 from .config import Settings
 from .frontend import Frontend
 from .hba import HbaRules, IdentMap
@@ -54,7 +54,6 @@ class Service:
     known: dict | None = None                          # the settings PostgreSQL knows
     db_uid: int = 0                                    # who may own the key
     pidfile: PidFile | None = None
-    admin_secret: object = None                        # upstream mode: auth_user's login (credentials.Secret)
 
     def cancel_socket_path(self, worker: int) -> str:
         return os.path.join(self.socket_dir, f"cancel.{worker}")
@@ -145,7 +144,8 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         _watch_postmaster(loop, service.postmaster_pid, stopper, report=not supervised)
 
     async def main() -> tuple[int, Mode]:
-        catalog = Catalog(service.servers, service.admin_user, secret=service.admin_secret)
+        catalog = Catalog(service.servers, service.admin_user,
+                          facts_query=service.settings.pgfast["pgfast.auth_query"] or LOGIN_FACTS)
         pool, tx_pools = _pools(service)
         frontend = Frontend(service.settings, service.hba, service.ident, service.tls, catalog, pool, tx_pools,
                             service.shared, index, service.workers,

@@ -18,8 +18,10 @@ import psycopg
 import pytest
 
 import certs
-from conftest import Pgfast, chown_tree, free_port, run_pgfast, wait_until, write_file
+from conftest import Pgfast, chown_tree, free_port, psql_script, run_pgfast, tls_server, wait_until, write_file
 from replicas import SUPERUSER_PASSWORD, ReplicaCluster
+
+from pgfast.catalog import auth_function_sql
 
 APP_PASSWORD = "app-secret"
 PLAIN_PASSWORD = "plain-secret"
@@ -40,10 +42,12 @@ def replicas(bindir, module_dir):
         f"CREATE ROLE app_user LOGIN PASSWORD '{APP_PASSWORD}';"
         f"CREATE ROLE plain_user LOGIN PASSWORD '{PLAIN_PASSWORD}';"
         f"CREATE ROLE service LOGIN PASSWORD '{SERVICE_PASSWORD}';"
-        "CREATE ROLE nopassword LOGIN PASSWORD 'unknown-to-pgfast'")
+        "CREATE ROLE nopassword LOGIN PASSWORD 'unknown-to-pgfast';"
+        f"CREATE ROLE tx_user LOGIN PASSWORD '{APP_PASSWORD}';"
+        "ALTER ROLE tx_user SET pgfast.pool_mode = 'transaction'")
     cluster.primary.sql("CREATE DATABASE app OWNER app_user")
     cluster.primary.sql("CREATE TABLE notes (id int PRIMARY KEY, body text); ALTER TABLE notes OWNER TO app_user;"
-                        "GRANT SELECT ON notes TO plain_user, service", dbname="app")
+                        "GRANT SELECT ON notes TO plain_user, service, tx_user", dbname="app")
     cluster.wait_replayed()
     yield cluster
     cluster.stop()
@@ -192,3 +196,208 @@ def test_cancel_reaches_the_host_running_the_query(front, dbname):
         assert time.monotonic() - started < 10
         conn.rollback()
         assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+
+
+def test_transaction_pooling_lends_upstream_backends(front, replicas):
+    """tx_user's sessions (pgfast.pool_mode = transaction for the role) share upstream
+    backends, each logged in with the SCRAM keys of the latest client's proof."""
+    async def client(n: int) -> list[str]:
+        import ssl
+        context = ssl.create_default_context(cafile=os.path.join(front.data_dir, "server.crt"))
+        conn = await asyncpg.connect(host="localhost", port=front.port, user="tx_user", password=APP_PASSWORD,
+                                     database="app", ssl=context, statement_cache_size=0)
+        try:
+            seen = []
+            for i in range(20):
+                async with conn.transaction():
+                    seen.append(await conn.fetchval("SELECT current_user || ':' || $1::text", f"{n}.{i}"))
+            return seen
+        finally:
+            await conn.close()
+
+    async def main():
+        return await asyncio.gather(*(client(n) for n in range(8)))
+    results = asyncio.run(main())
+    assert results == [[f"tx_user:{n}.{i}" for i in range(20)] for n in range(8)]
+    pids = replicas.primary.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'tx_user'")
+    assert int(pids) <= 8
+
+
+def _refusal(bindir: str, server: Pgfast, env: dict) -> str:
+    result = psql(bindir, front_dsn(server), "SELECT 1", env)
+    assert result.returncode != 0
+    return result.stderr
+
+
+def test_an_upstream_certificate_from_another_ca_is_refused(replicas, module_dir, module_env, bindir):
+    other = certs.write(os.path.join(module_dir, "other-ca.crt"), certs.CA("another CA").cert_pem(), 0o644)
+    conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslrootcert={other}"
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        expected = (f'connection to server at "127.0.0.1", port {replicas.primary.port} failed: '
+                    "SSL error: certificate verify failed")
+        assert expected in _refusal(bindir, server, module_env)
+        assert f"upstream server 127.0.0.1:{replicas.primary.port} is out of rotation: {expected}" in server.log
+    finally:
+        server.stop()
+
+
+def test_verify_full_checks_the_host_name(replicas, module_dir, module_env, bindir):
+    """The certificate names localhost and 127.0.0.1; a host name it does not name is
+    refused with libpq's words, even at an address it serves."""
+    conninfo = (f"host=db.example hostaddr=127.0.0.1 port={replicas.primary.port} "
+                f"sslrootcert={replicas.ca_file}")
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        assert ('server certificate for "localhost" (and 1 other name) does not match host name "db.example"'
+                in _refusal(bindir, server, module_env))
+    finally:
+        server.stop()
+    # verify-ca checks the chain only
+    server = _front(module_dir, conninfo + " sslmode=verify-ca", module_env).start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT current_user", module_env)
+        assert result.returncode == 0, result.stderr + server.log
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("conninfo, fatal", [
+    ("host=127.0.0.1 sslrootcert=/nonexistent/ca.crt", 'FATAL:  root certificate file "/nonexistent/ca.crt" '
+                                                         "does not exist"),
+    ("host=127.0.0.1 sslmode=sometimes", 'FATAL:  invalid pgfast.upstream: invalid sslmode value: "sometimes"'),
+])
+def test_an_unusable_upstream_setting_stops_the_start(module_dir, module_env, conninfo, fatal):
+    server = _front(module_dir, "host=127.0.0.1", module_env)
+    with open(os.path.join(server.data_dir, "postgresql.conf"), "a") as f:
+        f.write(f"pgfast.upstream = '{conninfo}'\n")
+    server.start(wait=False)
+    assert server.process.wait(60) == 1
+    server._reader.join(5)
+    assert fatal in server.log, server.log
+
+
+def test_the_passfile_must_be_private(module_dir, module_env):
+    server = _front(module_dir, "host=127.0.0.1", module_env)
+    os.chmod(os.path.join(server.data_dir, "upstream.pgpass"), 0o644)
+    server.start(wait=False)
+    assert server.process.wait(60) == 1
+    server._reader.join(5)
+    assert "has group or world access" in server.log, server.log
+
+
+def test_pgfast_in_front_of_pgfast(template_cluster, module_dir, module_env, bindir):
+    """The inner pgfast (local mode, TLS, SCRAM) checks the outer one's proof, made from the
+    ClientKey the outer one learned from the client: pass-through twice, TLS at every hop,
+    and a cancel that goes through both."""
+    ca = certs.CA("inner pgfast CA")
+    inner = tls_server(template_cluster, module_dir, "inner-", ca,
+                       "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n", "", module_env).start()
+    try:
+        result = psql_script(bindir, inner, f"ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}';"
+                             f"CREATE ROLE app_user LOGIN PASSWORD '{APP_PASSWORD}'; CREATE DATABASE app OWNER app_user;",
+                             module_env)
+        assert result.returncode == 0, result.stderr
+        ca_file = certs.write(os.path.join(module_dir, "inner-ca.crt"), ca.cert_pem(), 0o644)
+        outer = _front(module_dir, f"host=localhost port={inner.port} sslrootcert={ca_file}", module_env).start()
+        try:
+            with psycopg.connect(front_dsn(outer)) as conn:
+                assert conn.execute("SELECT current_user, (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())"
+                                    ).fetchone() == ("app_user", False)   # the inner pgfast's socket: no TLS
+                timer = threading.Timer(0.5, conn.cancel)
+                timer.start()
+                try:
+                    with pytest.raises(psycopg.errors.QueryCanceled):
+                        conn.execute("SELECT pg_sleep(20)")
+                finally:
+                    timer.cancel()
+                conn.rollback()
+                assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+            assert "Traceback" not in outer.log, outer.log
+        finally:
+            outer.stop()
+    finally:
+        inner.stop()
+
+
+def test_auth_query_through_a_security_definer_function(replicas, module_dir, module_env, bindir):
+    """pgfast.auth_user need not read pg_authid: pgfast.auth_query calls the function
+    catalog.auth_function_sql() creates. The catalog session's search_path is pg_catalog
+    only, so a query that is not schema-qualified finds nothing (CVE-2025-12819), and a
+    password past its VALID UNTIL is refused (CVE-2025-2291)."""
+    replicas.primary.sql("CREATE ROLE pgfast_auth LOGIN PASSWORD 'auth-secret';"
+                         "CREATE ROLE expired_user LOGIN PASSWORD 'old-secret' VALID UNTIL '2001-01-01'")
+    replicas.primary.sql(auth_function_sql())
+    passfile = f"*:*:*:pgfast_auth:auth-secret\n"
+    base = f"{replicas.hosts_conninfo()} sslrootcert={replicas.ca_file}"
+    good = "pgfast.auth_user = 'pgfast_auth'\npgfast.auth_query = 'SELECT * FROM pgfast.login_facts($1, $2, $3)'\n"
+    server = _front(module_dir, base, module_env, good, passfile).start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT current_user", module_env)
+        assert result.returncode == 0, result.stderr + server.log
+        assert result.stdout.strip() == "app_user"
+        result = psql(bindir, front_dsn(server, user="expired_user", password="old-secret"), "SELECT 1", module_env)
+        assert 'password authentication failed for user "expired_user"' in result.stderr
+        server.wait_for('User "expired_user" has an expired password.')
+    finally:
+        server.stop()
+    for query, error in [("SELECT * FROM login_facts($1, $2, $3)", "function login_facts(unknown, unknown, unknown) does not exist"),
+                         (None, "permission denied for table pg_authid")]:
+        extra = "pgfast.auth_user = 'pgfast_auth'\n" + (f"pgfast.auth_query = '{query}'\n" if query else "")
+        server = _front(module_dir, base, module_env, extra, passfile).start()
+        try:
+            result = psql(bindir, front_dsn(server), "SELECT 1", module_env)
+            assert result.returncode != 0
+            server.wait_for(f"pgfast could not read PostgreSQL's catalogs: {error}")
+        finally:
+            server.stop()
+
+
+# --- these change the cluster: a standby stopped and started again, then a failover -----
+
+def _read_ports(front: Pgfast, sessions: int = 4) -> set[int]:
+    connections = [psycopg.connect(front_dsn(front, dbname="app@standby")) for _ in range(sessions)]
+    try:
+        return {conn.execute("SELECT inet_server_port()").fetchone()[0] for conn in connections}
+    finally:
+        for conn in connections:
+            conn.close()
+
+
+def test_a_stopped_standby_leaves_the_rotation_and_comes_back(front, replicas):
+    first, second = replicas.standbys
+    second.stop()
+    front.wait_for(f"upstream server 127.0.0.1:{second.port} is out of rotation", timeout=10)
+    assert _read_ports(front) == {first.port}
+    second.start()
+    front.wait_for(f"upstream server 127.0.0.1:{second.port} is now a standby", timeout=10)
+    assert _read_ports(front) == {first.port, second.port}
+
+
+def test_after_a_failover_writes_reach_the_new_primary(front, replicas):
+    """The primary dies: its clients get an error at once, never a hang; once a standby
+    is promoted, new sessions write there within one health-check period (1 s here)."""
+    replicas.wait_replayed()
+    old, (new, other) = replicas.primary, replicas.standbys
+    conn = psycopg.connect(front_dsn(front))
+    conn.execute("SELECT 1")
+    old.kill()
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    assert time.monotonic() - started < 5
+    conn.close()
+    new.promote()
+    other.follow(new)
+    promoted = time.monotonic()
+
+    def written() -> bool:
+        try:
+            with psycopg.connect(front_dsn(front)) as conn:
+                conn.execute("INSERT INTO notes VALUES (100, 'after the failover')")
+                return conn.execute("SELECT inet_server_port()").fetchone()[0] == new.port
+        except psycopg.Error:
+            return False
+    assert wait_until(written, timeout=15, interval=0.2)
+    assert time.monotonic() - promoted < 1 + 2 + 3     # a period, a check's timeout, and slack for a busy machine
+    assert f"upstream server 127.0.0.1:{new.port} is now a primary" in front.log
