@@ -16,7 +16,8 @@ import traceback
 
 from . import procs
 from .arms import (ARM_NAMES, LABELS, PGBOUNCER_INSTALL, PGBOUNCER_MAX_CLIENT_CONN, PGBOUNCER_MAX_PREPARED,
-                   PGBOUNCER_POOL_SIZE, PGFAST_ARM_SETTINGS, PGFAST_ARMS, SUSPICIOUS, PgBouncerArm, PgfastArm,
+                   PGBOUNCER_POOL_SIZE, PGFAST_ARM_SETTINGS, PGFAST_ARMS, STOCK_ARMS, SUSPICIOUS, PgBouncerArm, PgfastArm,
+                   PgfastUpstreamArm,
                    StockArm, default_pgbouncer, default_workers, pgbouncer_version, pgbouncer_version_tuple)
 from .cluster import BenchError, Cluster
 from .report import Results, git_state, machine_info, summarise_log
@@ -209,15 +210,19 @@ def main(argv=None) -> int:
         for name in arm_names:
             if name == "stock":
                 arms[name] = StockArm(cluster)
+            elif name == "pgfast-upstream":
+                arms[name] = PgfastUpstreamArm(cluster, args.pgfast_setting)
             elif name in PGFAST_ARMS:
                 arms[name] = PgfastArm(cluster, name, args.pgfast_setting)
+            elif name == "pgbouncer-upstream":
+                arms[name] = PgBouncerArm(cluster, "session", pgbouncer, upstream=True)
             else:
                 arms[name] = PgBouncerArm(cluster, name.split("-", 1)[1], pgbouncer)
         meta["tls"] = {}
         # PgBouncer and stock share the running PostgreSQL, pgfast needs it stopped (each pgfast arm
         # starts its own): the arms sharing the stock postmaster go together, the pgfast arms after
         # them, and that order rotates by one every round
-        base = [a for a in arm_names if a not in PGFAST_ARMS] + [a for a in arm_names if a in PGFAST_ARMS]
+        base = [a for a in arm_names if a in STOCK_ARMS] + [a for a in arm_names if a not in STOCK_ARMS]
         for round_no in range(1, args.rounds + 1):
             shift = (round_no - 1) % len(base)
             order = base[shift:] + base[:shift]

@@ -1,5 +1,6 @@
 """The things measured: stock PostgreSQL TLS, pgfast (default, one worker, transaction pooling),
-PgBouncer (session, transaction).
+PgBouncer (session, transaction), and both in front of the stock server over TCP with TLS
+verify-full at the back too (upstream mode; PgBouncer's server_tls_sslmode = verify-full).
 
 Each arm serves the same cluster on a TCP port with the same certificate; start() and stop()
 are never inside a timed measurement. cpu_roots() names the processes whose trees make up
@@ -35,8 +36,10 @@ def _workers_label(n: int) -> str:
 
 
 ARM_NAMES = ("stock", "pgfast", "pgfast-w1", "pgfast-tx", "pgfast-metrics", "pgbouncer-session",
-             "pgbouncer-transaction")
-PGFAST_ARMS = ("pgfast", "pgfast-w1", "pgfast-tx", "pgfast-metrics")
+             "pgbouncer-transaction", "pgfast-upstream", "pgbouncer-upstream")
+PGFAST_ARMS = ("pgfast", "pgfast-w1", "pgfast-tx", "pgfast-metrics", "pgfast-upstream")
+# the arms served by the stock postmaster (the others start that PostgreSQL themselves)
+STOCK_ARMS = ("stock", "pgbouncer-session", "pgbouncer-transaction", "pgfast-upstream", "pgbouncer-upstream")
 METRICS_SCRAPE_INTERVAL = 1.0       # seconds; Prometheus scrapes every 15-60 s, so this is the worst case
 # each pgfast arm's own settings, before any --pgfast-setting (which every pgfast arm gets)
 PGFAST_ARM_SETTINGS = {
@@ -44,6 +47,7 @@ PGFAST_ARM_SETTINGS = {
     "pgfast-w1": ["pgfast.workers=1"],
     "pgfast-tx": ["pgfast.pool_mode=transaction", "pgfast.pool_size=20", "pgfast.max_client_conn=1000"],
     "pgfast-metrics": [],      # + pgfast.metrics_listen on a free port, scraped while it runs
+    "pgfast-upstream": [],     # its own directory: pgfast init --upstream (PgfastUpstreamArm)
 }
 LABELS = {
     "stock": "stock PostgreSQL TLS",
@@ -54,6 +58,8 @@ LABELS = {
                       f"{METRICS_SCRAPE_INTERVAL:g} s",
     "pgbouncer-session": "PgBouncer TLS session",
     "pgbouncer-transaction": "PgBouncer TLS transaction",
+    "pgfast-upstream": f"pgfast upstream mode ({_workers_label(default_workers())}), TLS verify-full to PostgreSQL",
+    "pgbouncer-upstream": "PgBouncer TLS session, server_tls_sslmode = verify-full",
 }
 NEW_PGBOUNCER = "/opt/pgbouncer-new/bin/pgbouncer"
 PGBOUNCER_MAX_CLIENT_CONN = 1000
@@ -215,13 +221,13 @@ class PgfastArm(Arm):
 
     def start(self) -> None:
         self.cluster.stop_stock()
+        self._start_pgfast()
+
+    def _start_pgfast(self) -> None:
         # as root, pgfast drops to the data directory's owner itself
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
         # SIGINT: a fast shutdown, as pg_ctl stop's default (SIGTERM is PostgreSQL's smart one)
         self.server = procs.start_server(self.name, self.command(), self.log_path, signal.SIGINT, as_db=False,
-                                         env=env)
+                                         env=_pgfast_env())
         ready = f"[{self.server.pid}] LOG:  database system is ready to accept connections"
         start_at = self.server.log_size()
         deadline = time.monotonic() + 120
@@ -257,6 +263,10 @@ class PgfastArm(Arm):
             time.sleep(METRICS_SCRAPE_INTERVAL)
 
     def stop(self) -> None:
+        self._stop_pgfast()
+        self.cluster.wait_no_postmaster()
+
+    def _stop_pgfast(self) -> None:
         if self._scraper is not None:
             self._scraping.clear()
             self._scraper.join(10)
@@ -267,7 +277,6 @@ class PgfastArm(Arm):
                 print(f"bench: {self.name} exited with status {status} when stopped; see {self.log_path}",
                       flush=True)
             self.server = None
-        self.cluster.wait_no_postmaster()
 
     def cpu_roots(self) -> list[int]:
         return [self.server.pid]        # pgfast, its workers if any, its PostgreSQL and the backends
@@ -279,18 +288,73 @@ class PgfastArm(Arm):
         return [self.server]
 
 
-class PgBouncerArm(Arm):
-    """PgBouncer with client TLS in front of the stock PostgreSQL (server side: its Unix socket)."""
+class PgfastUpstreamArm(PgfastArm):
+    """`pgfast run -D <its own directory>` in upstream mode (`pgfast init --upstream`): in front of
+    the stock PostgreSQL over TCP, TLS with sslmode=verify-full against the cluster's certificate,
+    which pgfast also serves at the front. Its pg_hba.conf trusts hostssl, as PgBouncer's auth_type."""
 
-    def __init__(self, cluster: Cluster, mode: str, binary: str):
+    def __init__(self, cluster: Cluster, settings: list[str]):
+        super().__init__(cluster, "pgfast-upstream", settings)
+        self.dir = os.path.join(cluster.root, "pgfast-upstream")
+
+    def _prepare(self) -> None:
+        if os.path.isdir(self.dir):
+            return
+        upstream = (f"host=127.0.0.1 port={self.cluster.port} dbname=postgres sslmode=verify-full "
+                    f"sslrootcert={self.cluster.data}/server.crt")
+        result = subprocess.run([sys.executable, "-m", "pgfast", "init", "-D", self.dir, "--upstream", upstream],
+                                capture_output=True, text=True, env=_pgfast_env(), cwd="/", stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise BenchError(f"pgfast init --upstream failed:\n{result.stderr}")
+        for name in ("server.crt", "server.key"):
+            shutil.copyfile(os.path.join(self.cluster.data, name), os.path.join(self.dir, name))
+        with open(os.path.join(self.dir, "pg_hba.conf"), "w") as f:
+            f.write("hostssl all all 127.0.0.1/32 trust\n")
+        procs.chown_db(self.dir)
+        for name in os.listdir(self.dir):
+            procs.chown_db(os.path.join(self.dir, name))
+
+    def command(self) -> list[str]:
+        argv = super().command()
+        argv[argv.index("-D") + 1] = self.dir
+        return argv
+
+    def start(self) -> None:
+        self.cluster.start_stock()
+        self._prepare()
+        self._start_pgfast()
+
+    def stop(self) -> None:
+        self._stop_pgfast()
+
+    def cpu_roots(self) -> list[int]:
+        return [self.server.pid, self.cluster.stock.pid]
+
+    def logs(self) -> list[procs.Server]:
+        return [self.server, self.cluster.stock]
+
+
+def _pgfast_env() -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    return env
+
+
+class PgBouncerArm(Arm):
+    """PgBouncer with client TLS in front of the stock PostgreSQL (server side: its Unix socket;
+    upstream: TCP with TLS verify-full, as pgfast's upstream arm)."""
+
+    def __init__(self, cluster: Cluster, mode: str, binary: str, upstream: bool = False):
         super().__init__(cluster)
         self.mode = mode
-        self.name = f"pgbouncer-{mode}"
+        self.upstream = upstream
+        self.name = "pgbouncer-upstream" if upstream else f"pgbouncer-{mode}"
         self.binary = binary
         self.version = pgbouncer_version_tuple(binary)
         self.port = free_port()
         self.server: procs.Server | None = None
-        self.dir = os.path.join(cluster.root, f"pgbouncer-{mode}")
+        self.dir = os.path.join(cluster.root, self.name)
         self.ini = os.path.join(self.dir, "pgbouncer.ini")
 
     def write_config(self) -> None:
@@ -298,10 +362,13 @@ class PgBouncerArm(Arm):
         data = self.cluster.data
         with open(os.path.join(self.dir, "userlist.txt"), "w") as f:
             f.write('"postgres" ""\n')
+        host = "127.0.0.1" if self.upstream else self.cluster.sockdir
+        server_tls = (f"server_tls_sslmode = verify-full\nserver_tls_ca_file = {data}/server.crt\n" if self.upstream
+                      else "server_tls_sslmode = disable\n")
         with open(self.ini, "w") as f:
             f.write(f"""\
 [databases]
-postgres = host={self.cluster.sockdir} port={self.cluster.port} dbname=postgres
+postgres = host={host} port={self.cluster.port} dbname=postgres
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -318,8 +385,7 @@ default_pool_size = {PGBOUNCER_POOL_SIZE}
 client_tls_sslmode = require
 client_tls_cert_file = {data}/server.crt
 client_tls_key_file = {data}/server.key
-server_tls_sslmode = disable
-log_connections = 0
+{server_tls}log_connections = 0
 log_disconnections = 0
 log_pooler_errors = 1
 stats_period = 600

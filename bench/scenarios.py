@@ -104,14 +104,16 @@ SCENARIOS = {
 # backends; the session-pooling arms would need a backend per client, so only stock PostgreSQL (one
 # backend per client, max_connections = 600) is there as the reference. pgfast-tx runs only f and g.
 _TX_ARMS = ("stock", "pgfast-tx", "pgbouncer-transaction")
-_SESSION_ARMS = tuple(a for a in ARM_NAMES if a not in ("pgfast-tx", "pgfast-metrics"))
+# the upstream arms: select-only, churn and bulk out (issue 11's figures)
+_UPSTREAM_ARMS = ("pgfast-upstream", "pgbouncer-upstream")
+_SESSION_ARMS = tuple(a for a in ARM_NAMES if a not in ("pgfast-tx", "pgfast-metrics") + _UPSTREAM_ARMS)
 # metrics' cost: where a login (a) or a query (b) is the unit, against the same pgfast without them
 _METRICS_ARMS = _SESSION_ARMS + ("pgfast-metrics",)
 SCENARIO_ARMS: dict[str, tuple[str, ...]] = {
-    "a": _METRICS_ARMS,
-    "b": _METRICS_ARMS,
+    "a": _METRICS_ARMS + _UPSTREAM_ARMS,
+    "b": _METRICS_ARMS + _UPSTREAM_ARMS,
     "c": _SESSION_ARMS,
-    "d": _SESSION_ARMS,
+    "d": _SESSION_ARMS + _UPSTREAM_ARMS,
     "e": _SESSION_ARMS,
     "f": _TX_ARMS,
     "g": _TX_ARMS,

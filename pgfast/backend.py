@@ -295,21 +295,27 @@ async def open_backend(server, params: list[tuple[str, str]], on_closed=None,
     user, database = user_and_database(params)
     if secret is None:      # fixed roles (pgfast.auth_user, service roles): pgfast.passfile's
         secret = server.passfile_secret(user, database)
-    login = credentials.Login(user, secret) if secret is not None else None
-    conn = await server.connect(lambda: BackendConnection(server, on_closed, login))
-    conn.user, conn.database = user, database
-    try:
-        leftover = await conn._request(messages.startup_message(params))
-    except BaseException:
-        conn.close()
-        raise
-    return conn, leftover
+    for encrypt in server.attempts:
+        login = credentials.Login(user, secret) if secret is not None else None
+        conn = await server.connect(lambda: BackendConnection(server, on_closed, login), encrypt)
+        conn.user, conn.database = user, database
+        try:
+            return conn, await conn._request(messages.startup_message(params))
+        except BackendRefused:
+            conn.close()
+            if encrypt is not server.attempts[-1]:
+                continue        # sslmode=allow: refused without TLS, tried again with it
+            raise
+        except BaseException:
+            conn.close()
+            raise
 
 
 class LocalServer:
     """The PostgreSQL pgfast started, over its private Unix socket, which trusts pgfast."""
 
     address = ("unix", 0)
+    attempts = (None,)          # one connection attempt per backend (upstream.py: sslmode=allow makes two)
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
@@ -330,7 +336,7 @@ class LocalServer:
     def close(self) -> None:
         pass
 
-    async def connect(self, factory) -> BackendConnection:
+    async def connect(self, factory, encrypt: bool | None = None) -> BackendConnection:
         _, conn = await asyncio.get_running_loop().create_unix_connection(factory, self.socket_path)
         return conn
 

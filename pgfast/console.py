@@ -5,7 +5,8 @@ database) as a role named in pgfast.console_users gets every command, in
 pgfast.stats_users the SHOW commands only; anyone else is refused. It speaks the simple
 query protocol and answers itself, never through a backend:
 
-    SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | DATABASES | LISTS | CONFIG | TLS | WORKERS | VERSION
+    SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | DATABASES | LISTS | CONFIG | TLS | WORKERS | UPSTREAM
+       | VERSION
     RELOAD | PAUSE [db] | RESUME [db] | KILL db
 
 Columns are named as PgBouncer's where the concept is the same, so its dashboards and
@@ -33,7 +34,7 @@ PARAMETERS = {"server_version": f"{__version__}/pgfast", "server_encoding": "UTF
 ASK_TIMEOUT = 2.0           # a worker that does not answer within this is left out
 _PAUSE_POLL = 0.05
 
-HELP = """SHOW HELP|POOLS|CLIENTS|SERVERS|STATS|DATABASES|LISTS|CONFIG|TLS|WORKERS|VERSION
+HELP = """SHOW HELP|POOLS|CLIENTS|SERVERS|STATS|DATABASES|LISTS|CONFIG|TLS|WORKERS|UPSTREAM|VERSION
 RELOAD
 PAUSE [<db>]
 RESUME [<db>]
@@ -71,8 +72,9 @@ def _snapshot(frontend) -> dict:
         entry = stats.setdefault(pool.database, [0, 0])
         entry[0] += pool.assignments
         entry[1] += pool.wait_us
+    upstream = frontend.upstream.describe() if frontend.upstream is not None else []
     return {"worker": frontend.worker, "pid": os.getpid(), "clients": clients, "servers": servers, "stats": stats,
-            "paused": sorted(frontend.paused())}
+            "paused": sorted(frontend.paused()), "upstream": upstream}
 
 
 def answer_locally(frontend, command: str, args: list) -> dict:
@@ -171,7 +173,7 @@ _INTEGER = {"items", "pool_size", "min_pool_size", "reserve_pool", "max_connecti
             "pid",
             "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait",
             "maxwait_us", "clients", "sessions", "servers", "tls_clients", "bits",
-            "total_server_assignment_count", "total_wait_time", "avg_wait_time"}
+            "total_server_assignment_count", "total_wait_time", "avg_wait_time", "lag_bytes"}
 
 
 def _columns(names) -> list[tuple[str, bool]]:
@@ -295,6 +297,14 @@ def _shown(name: str, value) -> str:
     if isinstance(value, tuple):        # a list setting
         return ",".join(value)
     return str(value)
+
+
+def _upstream(snapshots: list[dict]) -> tuple[list[str], list[list]]:
+    """Upstream mode's hosts as each worker's health checks see them (none in local mode)."""
+    names = ["host", "port", "state", "lag_bytes", "last_check", "failure", "worker"]
+    return names, [[row["host"], row["port"], row["state"], row["lag_bytes"],
+                    _time(row["checked"]) if row["checked"] else None, row["failure"], s["worker"]]
+                   for s in snapshots for row in s["upstream"]]
 
 
 def _tls(snapshots: list[dict]) -> tuple[list[str], list[list]]:
@@ -421,7 +431,7 @@ class ConsoleSession:
             return _result(["version"], [[f"pgfast {__version__}"]])
         if what == "CONFIG":
             return _result(*_config(self._frontend.settings))
-        if what not in ("POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "LISTS", "TLS", "WORKERS"):
+        if what not in ("POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "LISTS", "TLS", "WORKERS", "UPSTREAM"):
             raise CommandError("42601", f"invalid command 'SHOW {what}', use SHOW HELP;")
         snapshots = await self._frontend.link.everywhere("snapshot")
         if what == "CLIENTS":
@@ -431,7 +441,7 @@ class ConsoleSession:
         if what == "DATABASES":
             return _result(*_databases(snapshots, self._frontend.settings))
         return _result(*{"POOLS": _pools, "STATS": _stats, "LISTS": _lists, "TLS": _tls,
-                         "WORKERS": _workers}[what](snapshots))
+                         "WORKERS": _workers, "UPSTREAM": _upstream}[what](snapshots))
 
 
 def _result(names, rows: list[list]) -> bytes:

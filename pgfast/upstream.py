@@ -104,6 +104,9 @@ class UpstreamHost:
     def __init__(self, upstream: "Upstream", host: conninfo.Host):
         self.upstream = upstream
         self.host = host
+        # encrypt or not, per attempt: libpq's allow tries without TLS first, then with it;
+        # None: as sslmode says
+        self.attempts = (False, True) if upstream.info.sslmode == "allow" else (None,)
         self.address = (host.host, host.port)
         self.state = HostState.UNKNOWN
         self.lsn: int | None = None          # its WAL position at the last check
@@ -136,12 +139,13 @@ class UpstreamHost:
 
     # --- connections ------------------------------------------------------------------
 
-    async def connect(self, factory):
+    async def connect(self, factory, encrypt: bool | None = None):
         """factory()'s protocol on a new connection to this host, TLS set up as sslmode
-        says; raises UpstreamError with libpq's words."""
+        says (or as encrypt says, for allow's two attempts); raises UpstreamError with
+        libpq's words."""
         timeout = self.upstream.info.connect_timeout
         try:
-            return await asyncio.wait_for(self._connect(factory), timeout)
+            return await asyncio.wait_for(self._connect(factory, encrypt), timeout)
         except (OSError, TLSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 failure = UpstreamError(f"{self.label}: timeout expired")
@@ -151,20 +155,22 @@ class UpstreamHost:
             self._set_state(HostState.DOWN, str(failure))
             raise failure from None
 
-    async def _connect(self, factory):
+    async def _connect(self, factory, encrypt: bool | None):
         loop = asyncio.get_running_loop()
         info = self.upstream.info
         transport, negotiation = await loop.create_connection(_Negotiation, self.host.hostaddr or self.host.host,
                                                               self.host.port)
+        if encrypt is None:
+            encrypt = info.sslmode != "disable"
         try:
             tls_session = None
-            if info.sslmode not in ("disable", "allow"):
+            if encrypt:
                 transport.write(_SSL_REQUEST)
                 answer = await negotiation.receive()
                 if answer[:1] == b"S" and len(answer) == 1:
                     tls_session = await self._handshake(transport, negotiation)
                 elif answer[:1] == b"N" and len(answer) == 1:
-                    if info.sslmode != "prefer":
+                    if info.sslmode not in ("prefer", "allow"):
                         raise UpstreamError(f"{self.label}: server does not support SSL, but SSL was required")
                 else:
                     raise UpstreamError(f"{self.label}: received invalid response to SSL negotiation: "
@@ -316,9 +322,12 @@ class Upstream:
     def describe(self) -> list[dict]:
         """SHOW UPSTREAM's rows (console.py)."""
         primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
-        return [{"host": h.host.host, "port": h.host.port, "state": h.state.value,
-                 "lag_bytes": (primary.lsn - h.lsn) if h.state is HostState.STANDBY and primary and primary.lsn
-                 is not None and h.lsn is not None else None,
+        def lag(host: UpstreamHost) -> int | None:
+            if host.state is not HostState.STANDBY or primary is None or None in (primary.lsn, host.lsn):
+                return None
+            return max(0, primary.lsn - host.lsn)
+        return [{"host": h.host.host, "port": h.host.port, "state": h.state.value, "lag_bytes": lag(h),
+                 "checked": time.time() - (time.monotonic() - h.checked_at) if h.checked_at else None,
                  "failure": h.failure or ""} for h in self.hosts]
 
     # --- health checks ----------------------------------------------------------------

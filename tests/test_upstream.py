@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import tempfile
 import threading
@@ -19,6 +20,7 @@ import pytest
 
 import certs
 from conftest import Pgfast, chown_tree, free_port, psql_script, run_pgfast, tls_server, wait_until, write_file
+from rawclient import RawClient
 from replicas import SUPERUSER_PASSWORD, ReplicaCluster
 
 from pgfast.catalog import auth_function_sql
@@ -27,6 +29,7 @@ APP_PASSWORD = "app-secret"
 PLAIN_PASSWORD = "plain-secret"
 SERVICE_PASSWORD = "service-secret"
 FRONT_HBA = """\
+local    pgfast  postgres  trust
 local    all  service     trust
 local    all  nopassword  trust
 hostssl  all  plain_user  127.0.0.1/32  password
@@ -120,6 +123,14 @@ def test_every_sslmode_at_the_front_with_verify_full_at_the_back(front, bindir, 
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "app_user:true" or result.stdout.strip() == "app_user:t"
 
+
+def test_the_console_shows_the_hosts(front, replicas, bindir, module_env):
+    result = psql(bindir, f"host={front.socket_dir} port={front.port} user=postgres dbname=pgfast",
+                  "SHOW UPSTREAM", module_env)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines()]
+    assert [(host, int(port), state) for host, port, state, *_ in rows] == [
+        ("127.0.0.1", node.port, "primary" if node is replicas.primary else "standby") for node in replicas.nodes]
 
 def test_psycopg_and_asyncpg_pass_through(front, replicas):
     with psycopg.connect(front_dsn(front)) as conn:
@@ -229,6 +240,26 @@ def _refusal(bindir: str, server: Pgfast, env: dict) -> str:
     return result.stderr
 
 
+@pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer", "require"])
+def test_every_sslmode_at_the_back(replicas, module_dir, module_env, bindir, sslmode):
+    """The primary refuses connections without TLS (hostnossl ... reject): disable is
+    refused with its words, allow tries again with TLS as libpq does, and the others use
+    TLS from the start."""
+    conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslmode={sslmode} sslrootcert={replicas.ca_file}"
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
+                      module_env)
+        if sslmode == "disable":
+            assert result.returncode != 0
+            server.wait_for('pg_hba.conf rejects connection for host "127.0.0.1", user "postgres", '
+                            'database "postgres", no encryption')
+        else:
+            assert result.returncode == 0, result.stderr + server.log
+            assert result.stdout.strip() == "t"
+    finally:
+        server.stop()
+
 def test_an_upstream_certificate_from_another_ca_is_refused(replicas, module_dir, module_env, bindir):
     other = certs.write(os.path.join(module_dir, "other-ca.crt"), certs.CA("another CA").cert_pem(), 0o644)
     conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslrootcert={other}"
@@ -286,39 +317,83 @@ def test_the_passfile_must_be_private(module_dir, module_env):
     assert "has group or world access" in server.log, server.log
 
 
-def test_pgfast_in_front_of_pgfast(template_cluster, module_dir, module_env, bindir):
-    """The inner pgfast (local mode, TLS, SCRAM) checks the outer one's proof, made from the
-    ClientKey the outer one learned from the client: pass-through twice, TLS at every hop,
-    and a cancel that goes through both."""
-    ca = certs.CA("inner pgfast CA")
-    inner = tls_server(template_cluster, module_dir, "inner-", ca,
-                       "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n", "", module_env).start()
-    try:
-        result = psql_script(bindir, inner, f"ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}';"
-                             f"CREATE ROLE app_user LOGIN PASSWORD '{APP_PASSWORD}'; CREATE DATABASE app OWNER app_user;",
-                             module_env)
-        assert result.returncode == 0, result.stderr
-        ca_file = certs.write(os.path.join(module_dir, "inner-ca.crt"), ca.cert_pem(), 0o644)
-        outer = _front(module_dir, f"host=localhost port={inner.port} sslrootcert={ca_file}", module_env).start()
-        try:
-            with psycopg.connect(front_dsn(outer)) as conn:
-                assert conn.execute("SELECT current_user, (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())"
-                                    ).fetchone() == ("app_user", False)   # the inner pgfast's socket: no TLS
-                timer = threading.Timer(0.5, conn.cancel)
-                timer.start()
-                try:
-                    with pytest.raises(psycopg.errors.QueryCanceled):
-                        conn.execute("SELECT pg_sleep(20)")
-                finally:
-                    timer.cancel()
-                conn.rollback()
-                assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
-            assert "Traceback" not in outer.log, outer.log
-        finally:
-            outer.stop()
-    finally:
-        inner.stop()
 
+@pytest.fixture(scope="module")
+def inner(template_cluster, module_dir, module_env, bindir):
+    """A pgfast in local mode that wants a client certificate from its CA besides SCRAM,
+    with its admin console, for an outer pgfast in upstream mode to front."""
+    ca = certs.CA("inner pgfast CA")
+    server = tls_server(template_cluster, module_dir, "inner-", ca,
+                        "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n",
+                        "ssl_ca_file = 'root.crt'\npgfast.console_users = 'postgres'", module_env)
+    certs.write(os.path.join(server.data_dir, "root.crt"), ca.cert_pem(), 0o644)
+    chown_tree(server.data_dir)
+    server.start()
+    result = psql_script(bindir, server, f"ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}';"
+                         f"CREATE ROLE app_user LOGIN PASSWORD '{APP_PASSWORD}'; CREATE DATABASE app OWNER app_user;",
+                         module_env)
+    assert result.returncode == 0, result.stderr
+    server.ca = ca
+    server.ca_file = certs.write(os.path.join(module_dir, "inner-ca.crt"), ca.cert_pem(), 0o644)
+    issued = ca.client_cert("pgfast front")
+    server.client_cert = certs.write(os.path.join(module_dir, "front.crt"), issued.chain_pem(), 0o644)
+    server.client_key = certs.write(os.path.join(module_dir, "front.key"), issued.key_pem(), 0o600)
+    chown_tree(module_dir)
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log, server.log
+
+
+def test_pgfast_in_front_of_pgfast(inner, module_dir, module_env, bindir):
+    """The inner pgfast checks the outer one's SCRAM proof, made from the ClientKey the
+    outer one learned from the client: pass-through twice, TLS at every hop with the
+    server name sent (SNI) and the outer's client certificate, and a cancel that goes
+    through both."""
+    conninfo = (f"host=localhost port={inner.port} sslrootcert={inner.ca_file} sslcert={inner.client_cert} "
+                f"sslkey={inner.client_key}")
+    outer = _front(module_dir, conninfo, module_env).start()
+    try:
+        with psycopg.connect(front_dsn(outer)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("app_user",)
+            timer = threading.Timer(0.5, conn.cancel)
+            timer.start()
+            try:
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute("SELECT pg_sleep(20)")
+            finally:
+                timer.cancel()
+            conn.rollback()
+            assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+            console = psql(bindir, f"host={inner.socket_dir} port={inner.port} user=postgres dbname=pgfast",
+                           "SHOW TLS", module_env)
+            assert console.returncode == 0, console.stderr
+            assert "|localhost|postgresql|/CN=pgfast front|" in console.stdout, console.stdout
+        assert "Traceback" not in outer.log, outer.log
+    finally:
+        outer.stop()
+
+
+@pytest.mark.parametrize("problem", ["no client certificate", "revoked server certificate"])
+def test_the_upstream_refuses_or_is_refused(inner, module_dir, module_env, bindir, problem):
+    conninfo = f"host=localhost port={inner.port} sslrootcert={inner.ca_file}"
+    if problem == "no client certificate":
+        expected = "connection requires a valid client certificate"
+    else:
+        crl = certs.write(os.path.join(module_dir, "inner.crl"), inner.ca.crl([_served_certificate(inner)]), 0o644)
+        conninfo += f" sslcert={inner.client_cert} sslkey={inner.client_key} sslcrl={crl}"
+        expected = "SSL error: certificate verify failed"
+    outer = _front(module_dir, conninfo, module_env).start()
+    try:
+        assert expected in _refusal(bindir, outer, module_env)
+    finally:
+        outer.stop()
+
+
+def _served_certificate(server: Pgfast):
+    """The certificate a server presents, as certs.CA.crl takes it."""
+    from cryptography import x509
+    with open(os.path.join(server.data_dir, "server.crt"), "rb") as f:
+        return certs.Issued(x509.load_pem_x509_certificates(f.read())[0], None)
 
 def test_auth_query_through_a_security_definer_function(replicas, module_dir, module_env, bindir):
     """pgfast.auth_user need not read pg_authid: pgfast.auth_query calls the function
@@ -352,6 +427,29 @@ def test_auth_query_through_a_security_definer_function(replicas, module_dir, mo
         finally:
             server.stop()
 
+
+
+def test_resets_while_upstream_backends_are_opened_leave_nothing_behind(front, replicas):
+    """300 logins, each reset 0-5 ms after its startup packet: while pgfast connects to
+    the primary, negotiates TLS and logs in with the passfile's password. Then a login
+    works, the log is clean and the primary keeps no more of the role's sessions than a
+    pool holds."""
+    rng = random.Random(11)
+    path = os.path.join(front.socket_dir, f".s.PGSQL.{front.port}")
+    for _ in range(300):
+        client = RawClient.unix(path)
+        client.startup(user="service", database="app")
+        time.sleep(rng.uniform(0, 5e-3))
+        client.reset()
+    client = RawClient.unix(path)
+    client.startup(user="service", database="app")
+    client.authenticate()
+    assert client.query("SELECT current_user") == [("service",)]
+    client.terminate()
+    assert wait_until(lambda: int(replicas.primary.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'service'")) <= 20, timeout=15)
+    for bad in ("Traceback", "Task exception", "cannot go from", "unexpected"):
+        assert bad not in front.log, front.log
 
 # --- these change the cluster: a standby stopped and started again, then a failover -----
 
