@@ -164,7 +164,13 @@ class UpstreamHost:
             encrypt = info.sslmode != "disable"
         try:
             tls_session = None
-            if encrypt:
+            if encrypt and info.options.get("sslnegotiation") == "direct":
+                # PostgreSQL 17's direct TLS: the handshake at once, ALPN saying what follows
+                tls_session = await self._handshake(transport, negotiation)
+                if tls_session.alpn() is None:
+                    raise UpstreamError(f"{self.label}: direct SSL connection was established without ALPN "
+                                        "protocol negotiation extension")
+            elif encrypt:
                 transport.write(_SSL_REQUEST)
                 answer = await negotiation.receive()
                 if answer[:1] == b"S" and len(answer) == 1:

@@ -344,13 +344,14 @@ def inner(template_cluster, module_dir, module_env, bindir):
     assert "Traceback" not in server.log, server.log
 
 
-def test_pgfast_in_front_of_pgfast(inner, module_dir, module_env, bindir):
+@pytest.mark.parametrize("negotiation", ["postgres", "direct"])
+def test_pgfast_in_front_of_pgfast(inner, module_dir, module_env, bindir, negotiation):
     """The inner pgfast checks the outer one's SCRAM proof, made from the ClientKey the
     outer one learned from the client: pass-through twice, TLS at every hop with the
     server name sent (SNI) and the outer's client certificate, and a cancel that goes
-    through both."""
+    through both; with an SSLRequest first or PostgreSQL 17's direct TLS."""
     conninfo = (f"host=localhost port={inner.port} sslrootcert={inner.ca_file} sslcert={inner.client_cert} "
-                f"sslkey={inner.client_key}")
+                f"sslkey={inner.client_key} sslnegotiation={negotiation}")
     outer = _front(module_dir, conninfo, module_env).start()
     try:
         with psycopg.connect(front_dsn(outer)) as conn:
