@@ -326,6 +326,9 @@ class LocalServer:
     def passfile_secret(self, user: str, database: str) -> None:
         return None             # it trusts pgfast's socket
 
+    def serves(self, route: str | None) -> bool:
+        return True
+
     # nothing to check: the postmaster is pgfast's child, watched by pid (worker.py)
     def start(self) -> None:
         pass

@@ -152,5 +152,6 @@ def status(data_dir: str) -> int:
         _say(" ".join(f'"{w.decode(errors="replace")}"' for w in words) + "\n")
     except OSError:
         pass
-    _say(f"{info.status} on port {info.port}; PostgreSQL PID {info.postmaster_pid}\n")
+    behind = f"PostgreSQL PID {info.postmaster_pid}" if info.postmaster_pid else "upstream mode"
+    _say(f"{info.status} on port {info.port}; {behind}\n")
     return 0

@@ -101,7 +101,8 @@ class Pool:
         now = time.monotonic()
         while idle:
             backend = idle.pop()
-            if not backend.closed and now - backend.created < self._lifetime and backend.rules == rules:
+            if (not backend.closed and now - backend.created < self._lifetime and backend.rules == rules
+                    and backend.server.serves(route)):      # its host still has the role the route asks for
                 return backend
             backend.close()
         return None

@@ -235,7 +235,10 @@ class TransactionPools:
                    f"({self._query_wait_timeout:g} s)."))
 
     def _usable(self, backend: BackendConnection) -> bool:
-        return not backend.closed and time.monotonic() - backend.created < self._lifetime
+        # serves: its host still has the role its pool's route asks for (a primary demoted
+        # after a failover no longer takes the writes)
+        return (not backend.closed and time.monotonic() - backend.created < self._lifetime
+                and backend.server.serves(backend.pool.route))
 
     def _grow(self, pool: _Pool) -> None:
         """Open backends for the clients waiting, within the pool's size (or its reserve,

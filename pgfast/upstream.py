@@ -2,10 +2,14 @@
 libpq connection string), reached over TCP and TLS the way libpq reaches them.
 
 Each host's role is learned by asking it (pg_is_in_recovery()) and asked again every
-pgfast.health_check_period, as pgfast.auth_user. A host's state changes only in
-UpstreamHost._set_state, from a health check's answer:
+pgfast.health_check_period, as pgfast.auth_user (each worker asks for itself). A host's
+state changes only in UpstreamHost._set_state, from a health check's answer or a failed
+connection (DOWN at once; the next check that gets an answer puts it back):
 
-    UNKNOWN -> PRIMARY | STANDBY | DOWN,  and between any two of those on a later check
+    UNKNOWN -> PRIMARY | STANDBY | DOWN,  and between any two of those later
+
+A pooled backend is reused only while its host still has the role its route asks for
+(UpstreamHost.serves): a primary demoted after a failover takes no more writes.
 
 Routes say which hosts a backend may run on (negotiation.py): "primary" (read-write), or
 "standby" (the clients who asked for a database with pgfast.standby_suffix): standbys
@@ -131,6 +135,15 @@ class UpstreamHost:
         self.state = new
         self.failure = failure
 
+    def serves(self, route: str | None) -> bool:
+        """Whether a backend here may (still) serve route: pooled backends are reused only
+        while their host has the role they were opened for."""
+        if route in (PRIMARY, None):
+            return self.state is HostState.PRIMARY
+        if route == STANDBY:
+            return self.state is HostState.STANDBY
+        return self.state in (HostState.PRIMARY, HostState.STANDBY)
+
     def passfile_secret(self, user: str, database: str) -> Secret:
         """Without an entry, an empty secret: a password request gets libpq's "no password
         supplied", never a pass through to the client."""
@@ -142,8 +155,9 @@ class UpstreamHost:
     async def connect(self, factory, encrypt: bool | None = None):
         """factory()'s protocol on a new connection to this host, TLS set up as sslmode
         says (or as encrypt says, for allow's two attempts); raises UpstreamError with
-        libpq's words."""
-        timeout = self.upstream.info.connect_timeout
+        libpq's words. Without a connect_timeout, the health checks' timeout bounds it: a
+        host that stops answering must not leave clients waiting on the kernel's SYN retries."""
+        timeout = self.upstream.info.connect_timeout or self.upstream.check_timeout
         try:
             return await asyncio.wait_for(self._connect(factory, encrypt), timeout)
         except (OSError, TLSError, asyncio.TimeoutError) as exc:
@@ -221,25 +235,9 @@ class UpstreamHost:
     async def send_cancel(self, pid: int, secret_key: int) -> None:
         """A CancelRequest over a connection of its own (over TLS when sslmode asks for
         it), returning once the server has closed it: it has signalled the backend."""
-        done = asyncio.get_running_loop().create_future()
-
-        class Cancel(asyncio.Protocol):
-            def connection_made(self, transport):
-                self.transport = transport
-                transport.write(messages.cancel_request(pid, secret_key))
-
-            def data_received(self, data):
-                pass
-
-            def eof_received(self):
-                return False
-
-            def connection_lost(self, exc):
-                if not done.done():
-                    done.set_result(None)
-        protocol = await self.connect(Cancel)
+        protocol = await self.connect(lambda: _Cancel(messages.cancel_request(pid, secret_key)))
         try:
-            await asyncio.wait_for(done, CANCEL_TIMEOUT)
+            await asyncio.wait_for(protocol.done, CANCEL_TIMEOUT)
         finally:
             protocol.transport.close()
 
@@ -264,6 +262,29 @@ class UpstreamHost:
         self.lsn = _lsn(lsn)
         self.checked_at = time.monotonic()
         self._set_state(HostState.STANDBY if in_recovery == "t" else HostState.PRIMARY)
+
+
+class _Cancel(asyncio.Protocol):
+    """A CancelRequest's connection: the request, then the server's close."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.transport = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data):
+        pass            # the server says nothing to a CancelRequest
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 def _reason(exc: BaseException) -> str:
@@ -317,9 +338,8 @@ class Upstream:
         return primary
 
     def _caught_up(self, standby: UpstreamHost, primary: UpstreamHost | None) -> bool:
-        if primary is None or primary.lsn is None or standby.lsn is None:
-            return True     # nothing to compare with: a standby serves reads on its own
-        return primary.lsn - standby.lsn <= self.max_standby_lag
+        lag = _lag(standby, primary)
+        return lag is None or lag <= self.max_standby_lag     # None: nothing to compare with
 
     def _why(self) -> str:
         failures = [f"{h!r}: {h.failure}" for h in self.hosts if h.failure]
@@ -328,11 +348,7 @@ class Upstream:
     def describe(self) -> list[dict]:
         """SHOW UPSTREAM's rows (console.py)."""
         primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
-        def lag(host: UpstreamHost) -> int | None:
-            if host.state is not HostState.STANDBY or primary is None or None in (primary.lsn, host.lsn):
-                return None
-            return max(0, primary.lsn - host.lsn)
-        return [{"host": h.host.host, "port": h.host.port, "state": h.state.value, "lag_bytes": lag(h),
+        return [{"host": h.host.host, "port": h.host.port, "state": h.state.value, "lag_bytes": _lag(h, primary),
                  "checked": time.time() - (time.monotonic() - h.checked_at) if h.checked_at else None,
                  "failure": h.failure or ""} for h in self.hosts]
 
@@ -359,6 +375,13 @@ class Upstream:
     def close(self) -> None:
         if self._checker is not None:
             self._checker.cancel()
+
+
+def _lag(standby: UpstreamHost, primary: UpstreamHost | None) -> int | None:
+    """Bytes of WAL a standby is behind the primary, at their last checks."""
+    if standby.state is not HostState.STANDBY or primary is None or None in (primary.lsn, standby.lsn):
+        return None
+    return max(0, primary.lsn - standby.lsn)
 
 
 def load_passfile(path: str) -> list:

@@ -193,6 +193,27 @@ def test_reads_spread_over_the_standbys(front, replicas):
     assert ports == {standby.port for standby in replicas.standbys}
 
 
+
+def test_a_lagging_standby_serves_no_reads(replicas, module_dir, module_env):
+    """pgfast.max_standby_lag: a standby whose replay is more WAL behind the primary than
+    that, at the last health check, is skipped until it catches up."""
+    conninfo = f"{replicas.hosts_conninfo()} sslrootcert={replicas.ca_file}"
+    server = _front(module_dir, conninfo, module_env, "pgfast.max_standby_lag = 65536\n").start()
+    first, second = replicas.standbys
+    try:
+        replicas.wait_replayed()
+        assert wait_until(lambda: _read_ports(server) == {first.port, second.port}, timeout=10)
+        second.sql("SELECT pg_wal_replay_pause()")
+        replicas.primary.sql("CREATE TABLE ballast AS SELECT repeat('x', 1000) AS v FROM generate_series(1, 1000)",
+                             dbname="app")
+        assert wait_until(lambda: _read_ports(server) == {first.port}, timeout=10)
+        second.sql("SELECT pg_wal_replay_resume()")
+        assert wait_until(lambda: _read_ports(server) == {first.port, second.port}, timeout=10)
+    finally:
+        second.sql("SELECT pg_wal_replay_resume()")
+        replicas.primary.sql("DROP TABLE IF EXISTS ballast", dbname="app")
+        server.stop()
+
 @pytest.mark.parametrize("dbname", ["app", "app@standby"])
 def test_cancel_reaches_the_host_running_the_query(front, dbname):
     with psycopg.connect(front_dsn(front, dbname=dbname)) as conn:
