@@ -216,6 +216,20 @@ def seeds() -> dict[str, dict[str, bytes]]:
             + extended_query(b"INSERT INTO t VALUES ($1)", [b"x" * 100]),
         },
         "auth": auth_seeds(),
+        "upstream": {
+            "conninfo_keywords": b"\x00host=db1,db2 port=5432,5433 sslmode=verify-full sslrootcert=ca.crt "
+                                 b"password=secret1 target_session_attrs=read-write connect_timeout=5",
+            "conninfo_uri": b"\x00postgresql://app:secret1@[::1]:5432,db2/app?sslmode=require&application_name=x",
+            "conninfo_quoted": b"\x00host='db 1' options='-c search_path=a\\'b' sslnegotiation=direct",
+            "passfile": b"\x01" + u16(2) + b"db" + u16(5432) + u16(3) + b"app" + u16(5) + b"alice" + b"\x00"
+                        + b"# comment\ndb:5432:app:alice:pa\\:ss\n*:*:*:*:other\n",
+            "scram_correct": b"\x02\x01\x01" + bytes(range(12)),
+            "scram_keys_correct": b"\x02\x00\x01" + bytes(range(12)),
+            "scram_bad_first": b"\x02\x01\x00" + u16(20) + b"r=abc,s=QUJD,i=4096xx",
+            "login_sasl": b"\x03\x02\x02" + u16(15) + b"SCRAM-SHA-256\0\0" + b"\x03" + u16(60)
+                          + b"r=" + b"A" * 30 + b",s=" + base64.b64encode(bytes(16)) + b",i=4096",
+            "login_md5": b"\x03\x03\x01" + u16(4) + b"salt",
+        },
     }
 
 

@@ -2,7 +2,7 @@
 
     python fuzz/run.py --seconds N [--jobs J] [--no-minimize] [target ...]
 
-Targets: startup, framing, scanner, auth (all by default). Each runs for N seconds of
+Targets: startup, framing, scanner, auth, upstream (all by default). Each runs for N seconds of
 wall time with atheris (libFuzzer) on fuzz/corpus/<target>/ (the committed seeds) and
 fuzz/artifacts/<target>/corpus/ (what it finds, kept between runs). A crash stops
 libFuzzer; the runner records it (artifact, signature, traceback) and starts the
@@ -27,7 +27,7 @@ import time
 FUZZ_DIR = os.path.dirname(os.path.abspath(__file__))
 ARTIFACTS = os.path.join(FUZZ_DIR, "artifacts")
 # target: the largest input worth generating (libFuzzer's -max_len)
-TARGETS = {"startup": 11000, "framing": 8192, "scanner": 8192, "auth": 4096}
+TARGETS = {"startup": 11000, "framing": 8192, "scanner": 8192, "auth": 4096, "upstream": 4096}
 TIMEOUT = 25            # seconds for one input before libFuzzer calls it a hang
 MINIMIZE_SECONDS = 20
 
