@@ -300,7 +300,12 @@ async def open_backend(server, params: list[tuple[str, str]], on_closed=None,
         conn = await server.connect(lambda: BackendConnection(server, on_closed, login), encrypt)
         conn.user, conn.database = user, database
         try:
-            return conn, await conn._request(messages.startup_message(params))
+            # an upstream that accepts and then says nothing must not hold a pool's slot for ever
+            return conn, await asyncio.wait_for(conn._request(messages.startup_message(params)),
+                                                server.login_timeout)
+        except asyncio.TimeoutError:
+            conn.close()
+            raise ConnectionError(f"{server.label}: timeout expired") from None
         except BackendRefused:
             conn.close()
             if encrypt is not server.attempts[-1]:
@@ -316,6 +321,7 @@ class LocalServer:
 
     address = ("unix", 0)
     attempts = (None,)          # one connection attempt per backend (upstream.py: sslmode=allow makes two)
+    login_timeout = None        # its own PostgreSQL: authentication_timeout at the front bounds a login
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path

@@ -121,6 +121,11 @@ class UpstreamHost:
         return f"{self.host.host}:{self.host.port}"
 
     @property
+    def login_timeout(self) -> float:
+        """From TCP connect to ReadyForQuery, as libpq's connect_timeout bounds it."""
+        return self.upstream.info.connect_timeout or self.upstream.check_timeout
+
+    @property
     def label(self) -> str:
         """libpq's prefix for an error on this host."""
         return f'connection to server at "{self.host.host}", port {self.host.port} failed'
@@ -157,9 +162,8 @@ class UpstreamHost:
         says (or as encrypt says, for allow's two attempts); raises UpstreamError with
         libpq's words. Without a connect_timeout, the health checks' timeout bounds it: a
         host that stops answering must not leave clients waiting on the kernel's SYN retries."""
-        timeout = self.upstream.info.connect_timeout or self.upstream.check_timeout
         try:
-            return await asyncio.wait_for(self._connect(factory, encrypt), timeout)
+            return await asyncio.wait_for(self._connect(factory, encrypt), self.login_timeout)
         except (OSError, TLSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 failure = UpstreamError(f"{self.label}: timeout expired")
@@ -254,7 +258,11 @@ class UpstreamHost:
                 raise UpstreamError(error.get("M", "health check failed"))
             in_recovery, lsn = rows[0]
         except Exception as exc:        # whatever went wrong, the host cannot serve now
-            self._set_state(HostState.DOWN, _reason(exc) or "timeout expired")
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"{self.label}: timeout expired"
+            else:
+                reason = str(exc) if isinstance(exc, UpstreamError) else f"{self.label}: {_reason(exc)}"
+            self._set_state(HostState.DOWN, reason)
             return
         finally:
             if backend is not None:

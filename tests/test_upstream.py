@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import subprocess
 import tempfile
 import threading
@@ -328,6 +329,45 @@ def test_an_unusable_upstream_setting_stops_the_start(module_dir, module_env, co
     server._reader.join(5)
     assert fatal in server.log, server.log
 
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+def test_an_upstream_that_accepts_and_says_nothing_is_a_timeout_not_a_hang(module_dir, module_env, bindir,
+                                                                            sslmode):
+    """A host that takes the TCP connection and never answers (the SSLRequest, or the
+    startup packet): the connection attempt ends at connect_timeout, the host is out of
+    rotation and the client is told why."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    server = _front(module_dir, f"host=127.0.0.1 port={port} sslmode={sslmode} connect_timeout=2", module_env,
+                    "pgfast.health_check_timeout = 2\n").start()
+    try:
+        started = time.monotonic()
+        refusal = _refusal(bindir, server, module_env)
+        assert time.monotonic() - started < 10
+        assert f'connection to server at "127.0.0.1", port {port} failed: timeout expired' in refusal
+        assert f"upstream server 127.0.0.1:{port} is out of rotation" in server.log
+    finally:
+        server.stop()
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 def test_the_passfile_must_be_private(module_dir, module_env):
     server = _front(module_dir, "host=127.0.0.1", module_env)
