@@ -138,7 +138,8 @@ def status(data_dir: str) -> int:
     if not os.path.isdir(data_dir):
         _complain(f'directory "{data_dir}" does not exist')
         return NO_DATA_DIRECTORY
-    if not os.path.isfile(os.path.join(data_dir, "PG_VERSION")):
+    # a data directory, or upstream mode's (a configuration and no PostgreSQL data)
+    if not any(os.path.isfile(os.path.join(data_dir, name)) for name in ("PG_VERSION", "postgresql.conf")):
         _complain(f'directory "{data_dir}" is not a database cluster directory')
         return NO_DATA_DIRECTORY
     info = _running(data_dir)

@@ -125,6 +125,12 @@ def test_every_sslmode_at_the_front_with_verify_full_at_the_back(front, bindir, 
         assert result.stdout.strip() == "app_user:true" or result.stdout.strip() == "app_user:t"
 
 
+def test_pgfast_status_knows_an_upstream_directory(front, module_env):
+    result = run_pgfast("status", "-D", front.data_dir, env=module_env)
+    assert result.returncode == 0, result.stderr
+    assert "ready on port" in result.stdout and "upstream mode" in result.stdout, result.stdout
+
+
 def test_the_console_shows_the_hosts(front, replicas, bindir, module_env):
     result = psql(bindir, f"host={front.socket_dir} port={front.port} user=postgres dbname=pgfast",
                   "SHOW UPSTREAM", module_env)
