@@ -26,6 +26,7 @@ import time
 
 from . import credentials, log, messages
 from ._framing import ReadBuffer
+from ._pump import TLSError
 from .negotiation import user_and_database
 
 # Start-up and reset replies are small; anything near this is a broken peer.
@@ -85,6 +86,7 @@ class BackendConnection(asyncio.Protocol):
         self.user = self.database = ""           # from its startup packet
         self.identity: str | None = None         # the client identity SQL it last ran (identity.py)
         self.tls = ""                            # an upstream's TLS, "version/cipher" (SHOW SERVERS)
+        self.channel_binding: bytes | None = None   # its tls-server-end-point data, for SCRAM-SHA-256-PLUS
         self.idle_since = 0.0
         self.pool_key: tuple | None = None       # None: never to be pooled
         self.rules = None                        # catalog.SessionRules it started under
@@ -134,6 +136,8 @@ class BackendConnection(asyncio.Protocol):
         try:
             self._read_reply()
         except Exception as exc:   # a broken backend stream must not stay half open
+            if not isinstance(exc, (ConnectionError, BackendRefused)):
+                exc = ConnectionError(f"invalid message from the server: {exc}")
             self._reply.set_exception(exc)
             self.close()
 
@@ -145,7 +149,11 @@ class BackendConnection(asyncio.Protocol):
             return
         self._set_state(BackendState.CLOSED)
         if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(ConnectionError("PostgreSQL closed the connection"))
+            # an upstream's TLS can fail after the handshake (TLS 1.3 sends a refused client
+            # certificate's alert then): libpq's words for it, naming the host
+            self._reply.set_exception(ConnectionError(f"{self.server.label}: SSL error: {exc}")
+                                      if isinstance(exc, TLSError) else
+                                      ConnectionError("PostgreSQL closed the connection"))
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
         if self._on_closed is not None:
@@ -172,12 +180,12 @@ class BackendConnection(asyncio.Protocol):
                     raise BackendRefused(messages.message(b"E", payload), self._error)
             elif msg_type == ord("R"):
                 (code,) = struct.unpack_from("!i", payload)
-                if code == 0:
-                    continue
                 if self._login is None:
+                    if code == 0:
+                        continue
                     raise ConnectionError(f"PostgreSQL asked pgfast for authentication (request {code}); "
                                           "its private hba_file should trust pgfast's socket")
-                answer = self._login.answer(code, payload[4:])
+                answer = self._login.answer(code, payload[4:], self.channel_binding)
                 if answer is not None:
                     self.transport.write(answer)
             elif msg_type == ord("D") and self._rows is not None:
@@ -296,7 +304,7 @@ async def open_backend(server, params: list[tuple[str, str]], on_closed=None,
     if secret is None:      # fixed roles (pgfast.auth_user, service roles): pgfast.passfile's
         secret = server.passfile_secret(user, database)
     for encrypt in server.attempts:
-        login = credentials.Login(user, secret) if secret is not None else None
+        login = credentials.Login(user, secret, server.login_policy) if secret is not None else None
         conn = await server.connect(lambda: BackendConnection(server, on_closed, login), encrypt)
         conn.user, conn.database = user, database
         try:
@@ -320,8 +328,10 @@ class LocalServer:
     """The PostgreSQL pgfast started, over its private Unix socket, which trusts pgfast."""
 
     address = ("unix", 0)
+    label = "connection to PostgreSQL's private socket failed"
     attempts = (None,)          # one connection attempt per backend (upstream.py: sslmode=allow makes two)
     login_timeout = None        # its own PostgreSQL: authentication_timeout at the front bounds a login
+    login_policy = credentials.Policy()
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
@@ -333,6 +343,9 @@ class LocalServer:
         return None             # it trusts pgfast's socket
 
     def serves(self, route: str | None) -> bool:
+        return True
+
+    def prefers(self, server, route: str | None) -> bool:
         return True
 
     # nothing to check: the postmaster is pgfast's child, watched by pid (worker.py)

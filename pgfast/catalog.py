@@ -1,7 +1,8 @@
 """What pgfast asks PostgreSQL's catalogs at each login: the role's credentials
 (pg_authid), its memberships (pg_hba's +group and samerole), and the catalog state a
 backend for the role and database would start under, in one query, over the private
-socket, as the cluster's admin role (upstream mode: on the primary, as pgfast.auth_user).
+socket, as the cluster's admin role (upstream mode: as pgfast.auth_user, on the primary, or
+on a standby while no primary answers).
 
 The answers are read afresh for every login (concurrent logins for the same role and
 database share one query in flight), so a changed password, a dropped or renamed role or
@@ -280,10 +281,13 @@ class CatalogSession(asyncio.Protocol):
 
 class Catalog:
     def __init__(self, servers, admin_user: str, databases: tuple[str, ...] = ADMIN_DATABASES,
-                 facts_query: str = LOGIN_FACTS):
+                 facts_query: str = LOGIN_FACTS, timeout: float | None = None):
         self.servers = servers                  # backend.LocalServer or upstream.Upstream
         self._admin_user = admin_user
         self._facts_query = facts_query         # LOGIN_FACTS, or pgfast.auth_query's call of it
+        # upstream mode: a session whose host stops answering is closed after this, and
+        # its queued requests fail, rather than waiting for TCP to give up
+        self._timeout = timeout
         self._databases = databases
         self._session: CatalogSession | None = None
         self._opening: asyncio.Task | None = None
@@ -307,6 +311,12 @@ class Catalog:
         raise CatalogError(f'pgfast could not read the catalogs as "{self._admin_user}": {refusal}')
 
     async def _current_session(self) -> CatalogSession:
+        session = self._session
+        if session is not None and not self.servers.prefers(session.backend.server, ANY):
+            # upstream mode: its host is no longer where the catalogs should be read (down,
+            # or a standby while a primary answers again): answer what is queued, then go
+            self._session = None
+            session.retire()
         while self._session is None or self._session.state is not SessionState.OPEN:
             if self._opening is None:
                 self._opening = asyncio.get_running_loop().create_task(self._open(), context=log.detached())
@@ -354,7 +364,14 @@ class Catalog:
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._answered(key, done))
         # shielded: one waiter giving up must not cancel the answer others wait for
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except asyncio.TimeoutError:
+            session = self._session
+            if session is not None:
+                self._session = None
+                session.close(f"pgfast's catalog query got no answer in {self._timeout:g} s")
+            raise CatalogError(f"pgfast's catalog query got no answer in {self._timeout:g} s") from None
 
     def _answered(self, key: tuple, future: asyncio.Future) -> None:
         self._inflight.pop(key, None)

@@ -32,7 +32,8 @@ class ConninfoError(ValueError):
 @dataclass(frozen=True)
 class Host:
     """One server to try, in list order. libpq never uses TLS on a Unix socket, so sslmode
-    has no effect on a `host` starting with "/" (or "@", Linux's abstract namespace).
+    has no effect on a `host` starting with "/" (pgfast connects to its .s.PGSQL.port;
+    "@", Linux's abstract namespace, it does not reach).
     Without a host name, `host` is the hostaddr, which is also what libpq's PQhost()
     reports and what it looks up in the password file."""
     host: str
@@ -44,9 +45,8 @@ class Host:
 class Upstream:
     """A parsed pgfast.upstream. `options` keeps every keyword as given, plus libpq's
     defaults for the rest and file names made absolute. The typed properties read from
-    it, so the two can never disagree. With load_balance_hosts=random, libpq shuffles
-    the hosts once per connection. `hosts` stays in the written order, so the caller can
-    shuffle for each new connection."""
+    it, so the two can never disagree. `hosts` stays in the written order (libpq's
+    load_balance_hosts=random, which would shuffle it, upstream.not_taken refuses)."""
     hosts: tuple[Host, ...]
     options: Mapping[str, str]
     _described: str = field(default="", compare=False)
@@ -109,10 +109,6 @@ class Upstream:
     @property
     def dbname(self) -> str | None:
         return self._given("dbname")
-
-    @property
-    def user(self) -> str | None:
-        return self._given("user")
 
     @property
     def application_name(self) -> str | None:

@@ -11,10 +11,11 @@ import socket
 import subprocess
 import tempfile
 
-from . import accounts
+from . import accounts, conninfo
 from .accounts import Account
 from .errors import StartupError
 from .selfsigned import write_self_signed
+from .upstream import not_taken
 
 HBA_TEMPLATE = """\
 # pg_hba.conf written by pgfast init. TCP connections must use TLS (hostssl);
@@ -164,21 +165,22 @@ def initialise_upstream(data_dir: str, account: Account, upstream: str, *, auth_
                         auth: str = "scram-sha-256", key_type: str = "ecdsa") -> dict:
     """A directory for upstream mode: pgfast's configuration, TLS files and an empty
     passfile; no PostgreSQL data."""
-    from . import conninfo
     if not is_empty_or_missing(data_dir):
         raise StartupError(f'directory "{data_dir}" exists but is not empty',
                            hint=f'Remove or empty "{data_dir}", or run pgfast with it as it is.')
     try:
-        conninfo.parse(upstream, base_dir=os.path.abspath(data_dir))
+        refused = not_taken(conninfo.parse(upstream, base_dir=os.path.abspath(data_dir)))
     except conninfo.ConninfoError as exc:
-        raise StartupError(f"invalid --upstream: {exc}") from None
+        refused = str(exc)
+    if refused is not None:
+        raise StartupError(f"invalid --upstream: {refused}")
     _prepare_directory(data_dir, account)
     try:
         owner = {"owner_uid": account.uid, "owner_gid": account.gid} if os.geteuid() == 0 else {}
         write_self_signed(os.path.join(data_dir, "server.crt"), os.path.join(data_dir, "server.key"),
                           key_type=key_type, **owner)
         listed = '"' + auth_user.replace('"', '""') + '"'
-        files = {"postgresql.conf": UPSTREAM_CONF.format(upstream=upstream.replace("'", "''"),
+        files = {"postgresql.conf": UPSTREAM_CONF.format(upstream=upstream.replace("\\", "\\\\").replace("'", "''"),
                                                          auth_user=auth_user.replace("'", "''"),
                                                          console_users=listed.replace("'", "''")),
                  "pg_hba.conf": UPSTREAM_HBA.format(local=local_method(auth), host=auth),

@@ -9,6 +9,7 @@ import concurrent.futures.thread  # noqa: F401  (see below)
 import encodings.idna  # noqa: F401
 import linecache  # noqa: F401
 import os
+import pwd
 import shutil
 import sys
 import tempfile
@@ -140,19 +141,25 @@ def _upstream_settings(data_dir: str, overrides: list[tuple[str, str]]) -> confi
     return settings if settings.pgfast["pgfast.upstream"] is not None else None
 
 
-def load_upstream(settings: config.Settings) -> upstream.Upstream:
-    """pgfast.upstream, its TLS and pgfast.passfile, checked as libpq would check them."""
+def load_upstream(settings: config.Settings, home: str) -> upstream.Upstream:
+    """pgfast.upstream, its TLS and pgfast.passfile, checked as libpq would check them;
+    home: the account's that pgfast runs as (its ~/.postgresql, as libpq's)."""
     option = settings.pgfast.get
     data_dir = os.path.abspath(settings.data_dir)
     try:
         info = conninfo.parse(option("pgfast.upstream"), base_dir=data_dir)
     except conninfo.ConninfoError as exc:
         raise StartupError(f"invalid pgfast.upstream: {exc}") from None
+    refused = upstream.not_taken(info)
+    if refused is not None:
+        raise StartupError(f"invalid pgfast.upstream: {refused}")
     try:
         passfile = upstream.load_passfile(os.path.join(data_dir, option("pgfast.passfile")))
     except conninfo.ConninfoError as exc:
         raise StartupError(str(exc)) from None
-    tls = load_client_tls(info) if info.sslmode != "disable" else None
+    # libpq never uses TLS on a Unix socket, nor wants its files for one
+    tcp = any(not host.host.startswith("/") for host in info.hosts)
+    tls = load_client_tls(info, home) if info.sslmode != "disable" and tcp else None
     return upstream.Upstream(info, tls, passfile=passfile, auth_user=_auth_user(settings),
                              check_period=option("pgfast.health_check_period"),
                              check_timeout=option("pgfast.health_check_timeout"),
@@ -178,7 +185,7 @@ def run_upstream(settings: config.Settings, overrides: list[tuple[str, str]], us
             tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
         hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
         ident = load_ident(settings.ident_file)
-        servers = load_upstream(settings)
+        servers = load_upstream(settings, pwd.getpwuid(account.uid).pw_dir)
         workers = settings.pgfast["pgfast.workers"]
         tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
         accounts.drop_privileges(account)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -267,19 +268,28 @@ class ScramKeys:
 
 
 class ScramClient:
-    """One SCRAM-SHA-256 exchange as a client (no channel binding: the upstream's TLS is
-    checked by sslmode), from a password or from ScramKeys. Errors are libpq's words."""
+    """One SCRAM-SHA-256(-PLUS) exchange as a client, from a password or from ScramKeys.
+    Errors are libpq's words (fe-auth-scram.c)."""
 
-    def __init__(self, password: bytes | None = None, keys: ScramKeys | None = None):
+    def __init__(self, password: bytes | None = None, keys: ScramKeys | None = None, *,
+                 channel_binding: bytes | None = None, ssl_in_use: bool = False):
         self._password = password
         self._keys = keys
+        # gs2 header: p= binds to the server's certificate (SCRAM-SHA-256-PLUS); y says this
+        # client could have, on a TLS connection whose server offered no PLUS; n: no TLS
+        if channel_binding is not None:
+            self._gs2 = b"p=" + CHANNEL_BINDING + b",,"
+        else:
+            self._gs2 = b"y,," if ssl_in_use else b"n,,"
+        self._binding = self._gs2 + (channel_binding or b"")
         self._nonce = base64.b64encode(secrets.token_bytes(_NONCE_BYTES))
         self._client_first_bare = b"n=,r=" + self._nonce
         self._server_key = b""
         self._auth_message = b""
+        self.finished_client = False        # its client-final-message is sent: a signature may come
 
     def first(self) -> bytes:
-        return b"n,," + self._client_first_bare
+        return self._gs2 + self._client_first_bare
 
     def final(self, server_first: bytes) -> bytes:
         r = _Reader(server_first)
@@ -291,21 +301,34 @@ class ScramClient:
             raise ConnectionError("malformed SCRAM message (invalid server-first-message)") from None
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
             raise ConnectionError("invalid SCRAM response (nonce mismatch)")
+        if iterations <= 0 or not salt:
+            raise ConnectionError("malformed SCRAM message (invalid iteration count or salt)")
         if self._password is not None:
-            salted = hashlib.pbkdf2_hmac("sha256", prepare_password(self._password), salt, iterations)
-            client_key, self._server_key = _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+            client_key, self._server_key = _client_and_server_keys(self._password, salt, iterations)
         elif self._keys.salt == salt and self._keys.iterations == iterations:
             client_key, self._server_key = self._keys.client_key, self._keys.server_key
         else:
             raise ConnectionError("the upstream server holds another SCRAM secret for this role than the one "
                                   "the client authenticated against")
-        without_proof = b"c=biws,r=" + nonce
+        without_proof = b"c=" + base64.b64encode(self._binding) + b",r=" + nonce
         self._auth_message = self._client_first_bare + b"," + server_first + b"," + without_proof
         signature = _hmac(hashlib.sha256(client_key).digest(), self._auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        self.finished_client = True
         return without_proof + b",p=" + base64.b64encode(proof)
 
     def verify(self, server_final: bytes) -> None:
+        if not self.finished_client:
+            raise ConnectionError("AuthenticationSASLFinal received from server, but SASL authentication was not "
+                                  "completed")
         expected = b"v=" + base64.b64encode(_hmac(self._server_key, self._auth_message))
         if not hmac.compare_digest(server_final, expected):
             raise ConnectionError("incorrect server signature")
+
+
+@functools.lru_cache(maxsize=256)
+def _client_and_server_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """PBKDF2 once per password, salt and count: pgfast logs in with the same fixed roles'
+    passwords (health checks, the catalogs) again and again, on the event loop."""
+    salted = hashlib.pbkdf2_hmac("sha256", prepare_password(password), salt, iterations)
+    return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")

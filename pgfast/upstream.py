@@ -2,9 +2,10 @@
 libpq connection string), reached over TCP and TLS the way libpq reaches them.
 
 Each host's role is learned by asking it (pg_is_in_recovery()) and asked again every
-pgfast.health_check_period, as pgfast.auth_user (each worker asks for itself). A host's
-state changes only in UpstreamHost._set_state, from a health check's answer or a failed
-connection (DOWN at once; the next check that gets an answer puts it back):
+pgfast.health_check_period, as pgfast.auth_user (each worker asks for itself), and at
+once when a connection to it fails. A host's state changes only in
+UpstreamHost._set_state, from a health check's answer (a check that fails: DOWN, out of
+rotation until a later one gets an answer):
 
     UNKNOWN -> PRIMARY | STANDBY | DOWN,  and between any two of those later
 
@@ -23,6 +24,7 @@ import asyncio
 import enum
 import itertools
 import os
+import socket
 import struct
 import time
 
@@ -31,9 +33,9 @@ from ._framing import SSL_REQUEST_CODE
 from ._pump import TLSError
 from ._tlsstream import TLSTransport
 from .backend import CANCEL_TIMEOUT, BackendConnection, open_backend
-from .credentials import Secret
+from .credentials import Policy, Secret
 from .negotiation import ANY, PREFER_STANDBY, PRIMARY, STANDBY
-from .tls import ClientTLS
+from .tls import ClientTLS, server_end_point_hash
 
 _HEALTH_QUERY = ("SELECT pg_catalog.pg_is_in_recovery(), "
                  "CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() "
@@ -53,6 +55,30 @@ class HostState(enum.Enum):
 
 class UpstreamError(ConnectionError):
     """What libpq would say of a connection attempt, prefixed as libpq prefixes it."""
+
+
+# libpq keywords pgfast parses (conninfo.py) but does not take, and why: refused at start
+# rather than quietly ignored
+_NOT_TAKEN = {
+    "user": "pgfast logs in as each client's role, and as pgfast.auth_user",
+    "password": "passwords go in pgfast.passfile, so that none is in postgresql.conf",
+    "passfile": "pgfast reads pgfast.passfile",
+    "sslpassword": "an encrypted sslkey is not supported; give pgfast the key decrypted, mode 0600",
+    "options": "settings for the upstream's sessions belong to ALTER ROLE/DATABASE ... SET",
+}
+# pgfast's keepalive defaults, where libpq leaves the system's (two hours idle): a host that
+# vanishes without a word is noticed by the kernel in about 25 s, not after a client's hang
+_KEEPALIVES = {"keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+def not_taken(info: conninfo.Upstream) -> str | None:
+    """Why pgfast refuses something pgfast.upstream says, or None."""
+    for keyword, why in _NOT_TAKEN.items():
+        if info.options.get(keyword):
+            return f'{keyword} is not taken: {why}'
+    if info.options.get("load_balance_hosts") == "random":
+        return "load_balance_hosts=random is not taken: new backends go to the standbys in turn"
+    return None
 
 
 def _lsn(text: str | None) -> int | None:
@@ -108,13 +134,17 @@ class UpstreamHost:
     def __init__(self, upstream: "Upstream", host: conninfo.Host):
         self.upstream = upstream
         self.host = host
+        # libpq never uses TLS on a Unix socket
+        self.unix = host.host.startswith("/")
         # encrypt or not, per attempt: libpq's allow tries without TLS first, then with it;
         # None: as sslmode says
-        self.attempts = (False, True) if upstream.info.sslmode == "allow" else (None,)
+        self.attempts = (False, True) if upstream.info.sslmode == "allow" and not self.unix else (None,)
         self.address = (host.host, host.port)
+        self.login_policy = upstream.policy
         self.state = HostState.UNKNOWN
         self.lsn: int | None = None          # its WAL position at the last check
         self.checked_at = 0.0
+        self.checking = False                # a health check of it runs
         self.failure: str | None = None      # why its last check failed
 
     def __repr__(self) -> str:
@@ -142,12 +172,13 @@ class UpstreamHost:
 
     def serves(self, route: str | None) -> bool:
         """Whether a backend here may (still) serve route: pooled backends are reused only
-        while their host has the role they were opened for."""
+        while their host has the role they were opened for (a standby: within
+        pgfast.max_standby_lag)."""
         if route in (PRIMARY, None):
             return self.state is HostState.PRIMARY
-        if route == STANDBY:
-            return self.state is HostState.STANDBY
-        return self.state in (HostState.PRIMARY, HostState.STANDBY)
+        if self.state is HostState.STANDBY:
+            return self.upstream.caught_up(self)
+        return route != STANDBY and self.state is HostState.PRIMARY
 
     def passfile_secret(self, user: str, database: str) -> Secret:
         """Without an entry, an empty secret: a password request gets libpq's "no password
@@ -169,15 +200,21 @@ class UpstreamHost:
                 failure = UpstreamError(f"{self.label}: timeout expired")
             else:
                 failure = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{self.label}: {_reason(exc)}")
-            # out of rotation now, not at the next health check, which puts it back once it answers
-            self._set_state(HostState.DOWN, str(failure))
+            # one failure (a full backlog, a slow moment) is not a verdict: a health check is
+            self.upstream.check_soon(self)
             raise failure from None
 
     async def _connect(self, factory, encrypt: bool | None):
         loop = asyncio.get_running_loop()
         info = self.upstream.info
-        transport, negotiation = await loop.create_connection(_Negotiation, self.host.hostaddr or self.host.host,
-                                                              self.host.port)
+        if self.unix:
+            transport, negotiation = await loop.create_unix_connection(
+                _Negotiation, os.path.join(self.host.host, f".s.PGSQL.{self.host.port}"))
+            encrypt = False
+        else:
+            transport, negotiation = await loop.create_connection(
+                _Negotiation, self.host.hostaddr or self.host.host, self.host.port)
+            self.upstream.set_socket_options(transport.get_extra_info("socket"))
         if encrypt is None:
             encrypt = info.sslmode != "disable"
         try:
@@ -207,6 +244,9 @@ class UpstreamHost:
             wrapped = TLSTransport(transport, tls_session.pump, protocol)
             if isinstance(protocol, BackendConnection):
                 protocol.tls = f"{tls_session.version}/{tls_session.connection.get_cipher_name()}"
+                certificate = tls_session.connection.get_peer_certificate(as_cryptography=True)
+                if certificate is not None:
+                    protocol.channel_binding = server_end_point_hash(certificate)
             protocol.connection_made(wrapped)
         else:
             transport.set_protocol(protocol)
@@ -251,12 +291,14 @@ class UpstreamHost:
         """Ask the host what it is, as pgfast.auth_user; DOWN if it cannot say in time."""
         upstream = self.upstream
         backend = None
+        self.checking = True
         try:
             backend, _ = await asyncio.wait_for(open_backend(self, upstream.check_params), upstream.check_timeout)
             rows, error = await backend.fetch(_HEALTH_QUERY, upstream.check_timeout)
             if error is not None:
                 raise UpstreamError(error.get("M", "health check failed"))
-            in_recovery, lsn = rows[0]
+            (in_recovery, lsn), = rows
+            lsn = _lsn(lsn)
         except Exception as exc:        # whatever went wrong, the host cannot serve now
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"{self.label}: timeout expired"
@@ -265,9 +307,10 @@ class UpstreamHost:
             self._set_state(HostState.DOWN, reason)
             return
         finally:
+            self.checking = False
             if backend is not None:
                 backend.close()
-        self.lsn = _lsn(lsn)
+        self.lsn = lsn
         self.checked_at = time.monotonic()
         self._set_state(HostState.STANDBY if in_recovery == "t" else HostState.PRIMARY)
 
@@ -311,10 +354,13 @@ class Upstream:
                  check_period: float, check_timeout: float, max_standby_lag: int):
         self.info = info
         self.tls = tls
+        self.policy = Policy(info.options.get("require_auth") or None, info.options.get("channel_binding") or "prefer")
         self.hosts = [UpstreamHost(self, host) for host in info.hosts]
         self._passfile = passfile
         self.check_params = [("user", auth_user), ("database", info.dbname or "postgres"),
-                             ("application_name", "pgfast health check")]
+                             ("application_name", info.application_name or "pgfast health check")]
+        self._keepalives = {k: int(info.options.get(k) or default) for k, default in _KEEPALIVES.items()}
+        self._soon: set[UpstreamHost] = set()         # hosts a failed connection asked a check for
         self.check_period = check_period
         self.check_timeout = check_timeout
         self.max_standby_lag = max_standby_lag
@@ -336,7 +382,7 @@ class Upstream:
         """The host a new backend for route runs on; UpstreamError when none may serve it."""
         primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
         if route in (STANDBY, PREFER_STANDBY) or (route == ANY and primary is None):
-            ready = [h for h in self.hosts if h.state is HostState.STANDBY and self._caught_up(h, primary)]
+            ready = [h for h in self.hosts if h.state is HostState.STANDBY and self.caught_up(h)]
             if ready:
                 return ready[next(self._turn) % len(ready)]
             if route == STANDBY:
@@ -345,9 +391,34 @@ class Upstream:
             raise UpstreamError("no primary server is available" + self._why())
         return primary
 
-    def _caught_up(self, standby: UpstreamHost, primary: UpstreamHost | None) -> bool:
-        lag = _lag(standby, primary)
-        return lag is None or lag <= self.max_standby_lag     # None: nothing to compare with
+    def prefers(self, host: UpstreamHost, route: str | None) -> bool:
+        """Whether pick(route) could choose host now (without taking a standby's turn)."""
+        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        if route == ANY and primary is not None:
+            return host is primary
+        return host.serves(route)
+
+    def caught_up(self, standby: UpstreamHost) -> bool:
+        """Within pgfast.max_standby_lag of the primary at their last checks (with no
+        primary to compare with, a standby that has replayed anything serves reads)."""
+        if standby.lsn is None:
+            return False            # it has replayed nothing yet
+        lag = _lag(standby, next((h for h in self.hosts if h.state is HostState.PRIMARY), None))
+        return lag is None or lag <= self.max_standby_lag
+
+    def set_socket_options(self, sock) -> None:
+        """libpq's keepalives and tcp_user_timeout (pgfast's keepalive defaults above)."""
+        if sock is None or self.info.options.get("keepalives") == "0":
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, keyword in ((getattr(socket, "TCP_KEEPIDLE", None), "keepalives_idle"),
+                                (getattr(socket, "TCP_KEEPINTVL", None), "keepalives_interval"),
+                                (getattr(socket, "TCP_KEEPCNT", None), "keepalives_count")):
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, self._keepalives[keyword])
+        user_timeout = self.info.options.get("tcp_user_timeout")
+        if user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout))
 
     def _why(self) -> str:
         failures = [f"{h!r}: {h.failure}" for h in self.hosts if h.failure]
@@ -366,15 +437,27 @@ class Upstream:
         await asyncio.gather(*(host.check() for host in self.hosts))
         self._checked.set()
 
+    def check_soon(self, host: UpstreamHost) -> None:
+        """A health check of host now (one at a time), for a connection to it that failed."""
+        if host in self._soon or host.checking or self._checker is None:
+            return
+        self._soon.add(host)
+        task = asyncio.get_running_loop().create_task(host.check(), context=log.detached())
+        task.add_done_callback(lambda _: self._soon.discard(host))
+
     def start(self) -> None:
         self._checker = asyncio.get_running_loop().create_task(self._check_forever(), context=log.detached())
 
     async def _check_forever(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception as exc:    # a bug here must not freeze every host's state
+                log.log(f"pgfast: upstream health checks failed: {exc!r}")
             await asyncio.sleep(self.check_period)
 
     async def first_check(self, timeout: float) -> None:
+        """Until every host has answered or failed its first check (at most timeout)."""
         try:
             await asyncio.wait_for(self._checked.wait(), timeout)
         except asyncio.TimeoutError:

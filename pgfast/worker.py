@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import log, pidfile
 from .metrics import close_in_forked_worker, metrics
 from ._shared import BACKENDS, Shared
-from .catalog import LOGIN_FACTS, Catalog
+from .catalog import ADMIN_DATABASES, LOGIN_FACTS, Catalog
 from .config import Settings
 from .frontend import Frontend
 from .hba import HbaRules, IdentMap
@@ -109,6 +109,17 @@ def _pools(service: Service) -> tuple[Pool, TransactionPools]:
     return pool, tx_pools
 
 
+def _catalog_options(service: Service) -> dict:
+    """Upstream mode: pgfast.auth_query, pgfast.upstream's dbname first, and a timeout."""
+    pgfast = service.settings.pgfast
+    if pgfast["pgfast.upstream"] is None:
+        return {}
+    dbname = service.servers.info.dbname
+    return {"facts_query": pgfast["pgfast.auth_query"] or LOGIN_FACTS,
+            "databases": (dbname, *(d for d in ADMIN_DATABASES if d != dbname)) if dbname else ADMIN_DATABASES,
+            "timeout": pgfast["pgfast.health_check_timeout"]}
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
@@ -144,8 +155,7 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         _watch_postmaster(loop, service.postmaster_pid, stopper, report=not supervised)
 
     async def main() -> tuple[int, Mode]:
-        catalog = Catalog(service.servers, service.admin_user,
-                          facts_query=service.settings.pgfast["pgfast.auth_query"] or LOGIN_FACTS)
+        catalog = Catalog(service.servers, service.admin_user, **_catalog_options(service))
         pool, tx_pools = _pools(service)
         frontend = Frontend(service.settings, service.hba, service.ident, service.tls, catalog, pool, tx_pools,
                             service.shared, index, service.workers,
@@ -155,7 +165,8 @@ def serve(service: Service, index: int, tcp_sockets: list[socket.socket], *, sup
         service.servers.start()
         # upstream mode: the hosts' roles are known before the first client comes (a host
         # that does not answer in time is taken for down, and asked again later)
-        await service.servers.first_check(service.settings.pgfast["pgfast.health_check_timeout"] + 1)
+        # (a check is a login and a query, each within the timeout)
+        await service.servers.first_check(2 * service.settings.pgfast["pgfast.health_check_timeout"] + 1)
         await frontend.serve(tcp_sockets, service.unix_sockets)
 
         def on_sighup() -> None:

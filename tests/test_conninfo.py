@@ -57,9 +57,9 @@ def test_defaults_are_in_options():
 def test_typed_views_and_defaults():
     up = parse("host=db")
     assert (up.sslmode, up.sslsni, up.target_session_attrs, up.connect_timeout) == ("verify-full", True, "any", None)
-    assert (up.dbname, up.user, up.application_name, up.sslcert, up.sslkey, up.sslcrl) == (None,) * 6
+    assert (up.dbname, up.application_name, up.sslcert, up.sslkey, up.sslcrl) == (None,) * 5
     up = parse("host=db dbname=app user=alice application_name=pgfast sslsni=0 target_session_attrs=read-write")
-    assert (up.dbname, up.user, up.application_name) == ("app", "alice", "pgfast")
+    assert (up.dbname, up.options["user"], up.application_name) == ("app", "alice", "pgfast")
     assert up.sslsni is False and up.target_session_attrs == "read-write"
     assert parse("host=db dbname=''").dbname is None
 
@@ -111,7 +111,7 @@ def test_hosts(conninfo, hosts):
 def test_uri_multi_host():
     up = parse("postgresql://user@host1:5432,host2:5433/dbname?sslmode=verify-full")
     assert up.hosts == (Host("host1", 5432), Host("host2", 5433))
-    assert (up.user, up.dbname, up.sslmode) == ("user", "dbname", "verify-full")
+    assert (up.options["user"], up.dbname, up.sslmode) == ("user", "dbname", "verify-full")
 
 
 @pytest.mark.parametrize("uri, expected", [

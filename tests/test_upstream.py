@@ -288,6 +288,42 @@ def test_every_sslmode_at_the_back(replicas, module_dir, module_env, bindir, ssl
     finally:
         server.stop()
 
+
+@pytest.mark.parametrize("setting, refusal", [
+    ("channel_binding=require", None),
+    ("require_auth=scram-sha-256", None),
+    ("require_auth=md5", 'authentication method requirement "md5" failed: server requested SASL authentication'),
+    ("require_auth=!scram-sha-256", 'authentication method requirement "!scram-sha-256" failed: server requested '
+                                    "SASL authentication"),
+])
+def test_channel_binding_and_require_auth_at_the_back(replicas, module_dir, module_env, bindir, setting, refusal):
+    """The primary offers SCRAM-SHA-256-PLUS over TLS: channel_binding=require binds the
+    pass-through proof to its certificate; require_auth refuses what it does not name."""
+    conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslrootcert={replicas.ca_file} {setting}"
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT current_user", module_env)
+        if refusal is None:
+            assert result.returncode == 0, result.stderr + server.log
+            assert result.stdout.strip() == "app_user"
+        else:
+            assert result.returncode != 0
+            server.wait_for(refusal)
+    finally:
+        server.stop()
+
+
+def test_an_upstream_on_a_unix_socket(replicas, module_dir, module_env, bindir):
+    """host=/directory: the upstream's Unix socket, never TLS (as libpq), here trusted."""
+    conninfo = f"host={replicas.primary.socket_dir} port={replicas.primary.port}"
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT current_user, inet_server_port() IS NULL", module_env)
+        assert result.returncode == 0, result.stderr + server.log
+        assert result.stdout.strip() == "app_user|t"
+    finally:
+        server.stop()
+
 def test_an_upstream_certificate_from_another_ca_is_refused(replicas, module_dir, module_env, bindir):
     other = certs.write(os.path.join(module_dir, "other-ca.crt"), certs.CA("another CA").cert_pem(), 0o644)
     conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslrootcert={other}"
@@ -325,6 +361,8 @@ def test_verify_full_checks_the_host_name(replicas, module_dir, module_env, bind
     ("host=127.0.0.1 sslrootcert=/nonexistent/ca.crt", 'FATAL:  root certificate file "/nonexistent/ca.crt" '
                                                          "does not exist"),
     ("host=127.0.0.1 sslmode=sometimes", 'FATAL:  invalid pgfast.upstream: invalid sslmode value: "sometimes"'),
+    ("host=127.0.0.1 password=hunter2", "FATAL:  invalid pgfast.upstream: password is not taken: passwords go in "
+                                        "pgfast.passfile, so that none is in postgresql.conf"),
 ])
 def test_an_unusable_upstream_setting_stops_the_start(module_dir, module_env, conninfo, fatal):
     server = _front(module_dir, "host=127.0.0.1", module_env)
@@ -374,6 +412,76 @@ def test_an_upstream_that_accepts_and_says_nothing_is_a_timeout_not_a_hang(modul
         for conn in held:
             conn.close()
         listener.close()
+
+
+class _FreezingProxy:
+    """A TCP proxy to a node that can stop forwarding without closing anything: the host
+    as a client sees it when it loses power or its network (no RST, no FIN)."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self.closing = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.closing.is_set():
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                while self.frozen.is_set() and not self.closing.is_set():
+                    time.sleep(0.05)        # hold it: nothing is forwarded, nothing is closed
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closing.set()
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+
+
+def test_a_host_that_goes_silent_is_an_error_within_seconds_not_a_hang(replicas, module_dir, module_env, bindir):
+    """The primary stops answering without closing anything: the catalog session and new
+    logins fail within pgfast.health_check_timeout, the host is out of rotation, and once
+    it answers again logins work. (Sessions already on it end when TCP keepalives give up,
+    which a proxy cannot show: its own kernel answers them.)"""
+    proxy = _FreezingProxy(replicas.primary.port)
+    conninfo = f"host=127.0.0.1 port={proxy.port} sslrootcert={replicas.ca_file} connect_timeout=2"
+    server = _front(module_dir, conninfo, module_env, "pgfast.health_check_timeout = 2\n").start()
+    try:
+        result = psql(bindir, front_dsn(server), "SELECT current_user", module_env)
+        assert result.returncode == 0, result.stderr + server.log
+        proxy.frozen.set()
+        started = time.monotonic()
+        result = psql(bindir, front_dsn(server), "SELECT current_user", module_env)
+        assert result.returncode != 0
+        assert time.monotonic() - started < 10, result.stderr
+        server.wait_for(f"upstream server 127.0.0.1:{proxy.port} is out of rotation", timeout=10)
+        proxy.frozen.clear()
+        assert wait_until(lambda: psql(bindir, front_dsn(server), "SELECT 1", module_env).returncode == 0,
+                          timeout=15, interval=0.5), server.log
+    finally:
+        server.stop()
+        proxy.close()
 
 def test_the_passfile_must_be_private(module_dir, module_env):
     server = _front(module_dir, "host=127.0.0.1", module_env)
