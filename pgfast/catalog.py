@@ -77,7 +77,11 @@ SEARCH_PATH = "pg_catalog, pg_temp"
 def auth_function_sql(schema: str = "pgfast", grantee: str = "pgfast_auth") -> str:
     """SQL that creates the function pgfast.auth_query can call as a role without access
     to pg_authid: run it as a superuser on the primary."""
-    return (f"CREATE SCHEMA IF NOT EXISTS {schema};\n"
+    # a schema someone else owns could have its function swapped: refused, not reused
+    return (f"DO $check$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = '{schema}' "
+            f"AND nspowner <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)) THEN "
+            f"RAISE EXCEPTION 'schema {schema} exists and belongs to another role'; END IF; END $check$;\n"
+            f"CREATE SCHEMA IF NOT EXISTS {schema};\n"
             f"CREATE OR REPLACE FUNCTION {schema}.login_facts(text, text, text)\n"
             f"  RETURNS TABLE ({_FACTS_COLUMNS})\n"
             f"  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = {SEARCH_PATH}\n"
