@@ -221,6 +221,38 @@ def test_a_lagging_standby_serves_no_reads(replicas, module_dir, module_env):
         replicas.primary.sql("DROP TABLE IF EXISTS ballast", dbname="app")
         server.stop()
 
+
+def test_target_session_attrs_routes_plain_names(replicas, module_dir, module_env):
+    """pgfast.upstream's target_session_attrs=prefer-standby: a database named without
+    the suffix reads from a standby, the primary only while none is ready."""
+    conninfo = f"{replicas.hosts_conninfo()} sslrootcert={replicas.ca_file} target_session_attrs=prefer-standby"
+    server = _front(module_dir, conninfo, module_env).start()
+    try:
+        with psycopg.connect(front_dsn(server)) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+    finally:
+        server.stop()
+
+
+def test_two_workers_pass_cancels_to_each_other(replicas, module_dir, module_env):
+    """Under a supervisor with no PostgreSQL of its own: each worker's health checks, and
+    a CancelRequest that lands on the other worker reaches the host running the query."""
+    conninfo = f"{replicas.hosts_conninfo()} sslrootcert={replicas.ca_file}"
+    server = _front(module_dir, conninfo, module_env, "pgfast.workers = 2\n").start()
+    try:
+        for _ in range(6):
+            with psycopg.connect(front_dsn(server)) as conn:
+                timer = threading.Timer(0.3, conn.cancel)
+                timer.start()
+                try:
+                    with pytest.raises(psycopg.errors.QueryCanceled):
+                        conn.execute("SELECT pg_sleep(20)")
+                finally:
+                    timer.cancel()
+        assert "Traceback" not in server.log, server.log
+    finally:
+        server.stop()
+
 @pytest.mark.parametrize("dbname", ["app", "app@standby"])
 def test_cancel_reaches_the_host_running_the_query(front, dbname):
     with psycopg.connect(front_dsn(front, dbname=dbname)) as conn:
