@@ -87,12 +87,7 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
     postmaster = Postmaster(bindir, settings)
     try:
         _check_not_running(data_dir)
-        tls = None
-        if settings.ssl:
-            self_check()
-            tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
-        hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
-        ident = load_ident(settings.ident_file)
+        tls, hba, ident = _front_files(settings, account)
         postmaster.check_config(account)
         workers = settings.pgfast["pgfast.workers"]
         tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
@@ -102,31 +97,53 @@ def run(data_dir: str, overrides: list[tuple[str, str]], user: str | None) -> in
         unix_sockets = listeners.bind_unix(settings.unix_socket_directories, settings.port)
         log.start_background()
         pgbin.announce(bindir, found_through)
-        shared = Shared()
-        metrics_listen = settings.pgfast["pgfast.metrics_listen"]
-        if metrics_listen is not None:
-            metrics.metrics.enable(workers)
-            metrics.serve(metrics_listen, shared)
+        shared = _shared(settings, workers)
         postmaster.start()
         lock.postmaster_pid = postmaster.process.pid
         lock.set_status(pidfile.STARTING)
         service = Service(settings, hba, ident, tls, postmaster.socket_dir, LocalServer(postmaster.socket_path),
                           postmaster.process.pid, settings.pgfast.get("pgfast.admin_user") or account.name,
                           unix_sockets, shared, workers, list(overrides), known, account.uid, lock)
-        if workers == 1:
-            status, mode = serve(service, 0, tcp_sockets[0], supervised=False)
-        else:
-            status, mode = Supervisor(service, tcp_sockets, postmaster).run()
+        status, mode = _serve(service, tcp_sockets, postmaster)
         return status
     finally:
         postmaster.stop(immediate=mode is Mode.IMMEDIATE)
-        for _sock, path in unix_sockets:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        _remove_sockets(unix_sockets)
         lock.remove()
         log.stop_background()
+
+
+def _front_files(settings: config.Settings, account) -> tuple:
+    """The server TLS, pg_hba.conf and pg_ident.conf, each checked (or StartupError)."""
+    tls = None
+    if settings.ssl:
+        self_check()
+        tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
+    return tls, load_hba(settings.hba_file, SUPPORTED_METHODS), load_ident(settings.ident_file)
+
+
+def _shared(settings: config.Settings, workers: int) -> Shared:
+    """What the workers count together, and /metrics when it is asked for."""
+    shared = Shared()
+    metrics_listen = settings.pgfast["pgfast.metrics_listen"]
+    if metrics_listen is not None:
+        metrics.metrics.enable(workers)
+        metrics.serve(metrics_listen, shared)
+    return shared
+
+
+def _serve(service: Service, tcp_sockets, postmaster) -> tuple[int, Mode]:
+    if service.workers == 1:
+        return serve(service, 0, tcp_sockets[0], supervised=False)
+    return Supervisor(service, tcp_sockets, postmaster).run()
+
+
+def _remove_sockets(unix_sockets) -> None:
+    for _sock, path in unix_sockets:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 # --- upstream mode: no PostgreSQL here; the servers of pgfast.upstream serve ---------------
@@ -179,12 +196,7 @@ def run_upstream(settings: config.Settings, overrides: list[tuple[str, str]], us
     unix_sockets = []
     private_dir = None
     try:
-        tls = None
-        if settings.ssl:
-            self_check()
-            tls = load_server_tls(settings, db_uid=account.uid, interactive=sys.stdin.isatty())
-        hba = load_hba(settings.hba_file, SUPPORTED_METHODS)
-        ident = load_ident(settings.ident_file)
+        tls, hba, ident = _front_files(settings, account)
         servers = load_upstream(settings, pwd.getpwuid(account.uid).pw_dir)
         workers = settings.pgfast["pgfast.workers"]
         tcp_sockets = listeners.bind_tcp(settings.listen_addresses, settings.port, copies=workers)
@@ -195,25 +207,13 @@ def run_upstream(settings: config.Settings, overrides: list[tuple[str, str]], us
         private_dir = tempfile.mkdtemp(prefix="pgfast-")
         log.start_background()
         log.log(f"upstream mode: serving {servers.info.describe()}")
-        shared = Shared()
-        metrics_listen = settings.pgfast["pgfast.metrics_listen"]
-        if metrics_listen is not None:
-            metrics.metrics.enable(workers)
-            metrics.serve(metrics_listen, shared)
+        shared = _shared(settings, workers)
         lock.set_status(pidfile.STARTING)
         service = Service(settings, hba, ident, tls, private_dir, servers, None, _auth_user(settings),
                           unix_sockets, shared, workers, list(overrides), None, account.uid, lock)
-        if workers == 1:
-            status, _mode = serve(service, 0, tcp_sockets[0], supervised=False)
-        else:
-            status, _mode = Supervisor(service, tcp_sockets, None).run()
-        return status
+        return _serve(service, tcp_sockets, None)[0]
     finally:
-        for _sock, path in unix_sockets:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        _remove_sockets(unix_sockets)
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
         lock.remove()
