@@ -34,6 +34,7 @@ local    pgfast  postgres  trust
 local    all  service     trust
 local    all  nopassword  trust
 hostssl  all  plain_user  127.0.0.1/32  password
+hostssl  all  md5_user    127.0.0.1/32  md5
 hostssl  all  all         127.0.0.1/32  scram-sha-256
 hostnossl all all         127.0.0.1/32  reject
 """
@@ -49,6 +50,13 @@ def replicas(bindir, module_dir):
         "CREATE ROLE nopassword LOGIN PASSWORD 'unknown-to-pgfast';"
         f"CREATE ROLE tx_user LOGIN PASSWORD '{APP_PASSWORD}';"
         "ALTER ROLE tx_user SET pgfast.pool_mode = 'transaction'")
+    cluster.primary.sql(f"SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN PASSWORD '{PLAIN_PASSWORD}'")
+    # md5_user's logins are md5 exchanges at both ends (the standbys keep the fixture's file)
+    hba = os.path.join(cluster.primary.data_dir, "pg_hba.conf")
+    with open(hba) as f:
+        lines = f.read()
+    write_file(hba, "hostssl all md5_user 127.0.0.1/32 md5\n" + lines)
+    cluster.primary.sql("SELECT pg_reload_conf()")
     cluster.primary.sql("CREATE DATABASE app OWNER app_user")
     cluster.primary.sql("CREATE TABLE notes (id int PRIMARY KEY, body text); ALTER TABLE notes OWNER TO app_user;"
                         "GRANT SELECT ON notes TO plain_user, service, tx_user", dbname="app")
@@ -187,6 +195,15 @@ def test_the_password_method_logs_in_upstream_with_the_password(front, bindir, m
                   module_env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "plain_user"
+
+
+def test_md5_logs_in_upstream_with_the_stored_hash(front, bindir, module_env):
+    """An md5 exchange at the front, against the md5 hash the catalogs hold, and then one
+    with the upstream, which that hash answers (the password itself is never known)."""
+    result = psql(bindir, front_dsn(front, user="md5_user", password=PLAIN_PASSWORD), "SELECT current_user",
+                  module_env)
+    assert result.returncode == 0, result.stderr + front.log
+    assert result.stdout.strip() == "md5_user"
 
 
 def test_a_role_without_a_password_from_its_client_uses_the_passfile(front, bindir, module_env):
