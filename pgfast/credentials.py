@@ -75,7 +75,12 @@ class Login:
         policy = self._policy
         if code == _OK:
             return self._accepted()
-        if code in _METHODS and not self._asked:
+        if code in _METHODS:
+            if self._scram is not None:
+                # a server that starts over, or switches to asking for the password itself,
+                # in the middle of a SCRAM exchange gets nothing more
+                raise ConnectionError("duplicate SASL authentication request" if code == _SASL else
+                                      "server asked for another authentication in the middle of a SASL exchange")
             method, refused = _METHODS[code]
             if not policy.allows(method):
                 raise ConnectionError(f'authentication method requirement "{policy.require_auth}" failed: {refused}')
