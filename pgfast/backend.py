@@ -65,6 +65,9 @@ _ALLOWED = {
     BackendState.CLOSING: {BackendState.CLOSED},
     BackendState.CLOSED: set(),
 }
+# what an upstream may send before its AuthenticationOk: requests, an error, a notice, and
+# NegotiateProtocolVersion
+_BEFORE_LOGIN = frozenset(b"REvN")
 # PgBouncer's server states, for SHOW SERVERS and SHOW POOLS (sv_login, sv_active, ...)
 _CONSOLE_STATES = {BackendState.STARTING: "login", BackendState.SERVING: "active", BackendState.RESETTING: "tested",
                    BackendState.IDLE: "idle", BackendState.CLOSING: "closing", BackendState.CLOSED: "closed"}
@@ -75,6 +78,7 @@ class BackendConnection(asyncio.Protocol):
     def __init__(self, server, on_closed=None, login: credentials.Login | None = None) -> None:
         self.server = server                     # where it runs: cancels go there
         self._login = login                      # answers the server's authentication requests
+        self._logged_in = False                  # its AuthenticationOk came, and Login accepted it
         self.transport: asyncio.Transport | None = None
         self.state = BackendState.STARTING
         self.pid = 0
@@ -167,6 +171,10 @@ class BackendConnection(asyncio.Protocol):
             if msg is None:
                 return
             msg_type, payload = msg
+            if self._login is not None and not self._logged_in and msg_type not in _BEFORE_LOGIN:
+                # as libpq: nothing counts until the server has said AuthenticationOk, which
+                # credentials.Login only lets through once its checks have passed
+                raise ConnectionError(f"expected authentication request from server, but received {chr(msg_type)}")
             if msg_type == ord("S"):
                 name, value = payload[:-1].split(b"\0")
                 self.parameters[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -185,8 +193,13 @@ class BackendConnection(asyncio.Protocol):
                         continue
                     raise ConnectionError(f"PostgreSQL asked pgfast for authentication (request {code}); "
                                           "its private hba_file should trust pgfast's socket")
+                if self._logged_in:
+                    raise ConnectionError(f"unexpected authentication request (request {code}) after "
+                                          "AuthenticationOk")
                 answer = self._login.answer(code, payload[4:], self.channel_binding)
-                if answer is not None:
+                if code == 0:
+                    self._logged_in = True
+                elif answer is not None:
                     self.transport.write(answer)
             elif msg_type == ord("D") and self._rows is not None:
                 self._rows.append(messages.parse_data_row(payload))
@@ -303,16 +316,20 @@ async def open_backend(server, params: list[tuple[str, str]], on_closed=None,
     user, database = user_and_database(params)
     if secret is None:      # fixed roles (pgfast.auth_user, service roles): pgfast.passfile's
         secret = server.passfile_secret(user, database)
+    loop = asyncio.get_running_loop()
     for encrypt in server.attempts:
         login = credentials.Login(user, secret, server.login_policy) if secret is not None else None
+        # one deadline from TCP connect to ReadyForQuery, as libpq's connect_timeout: an
+        # upstream that accepts and then says nothing must not hold a pool's slot for ever
+        deadline = None if server.login_timeout is None else loop.time() + server.login_timeout
         conn = await server.connect(lambda: BackendConnection(server, on_closed, login), encrypt)
         conn.user, conn.database = user, database
         try:
-            # an upstream that accepts and then says nothing must not hold a pool's slot for ever
             return conn, await asyncio.wait_for(conn._request(messages.startup_message(params)),
-                                                server.login_timeout)
+                                                None if deadline is None else max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             conn.close()
+            server.check_soon()
             raise ConnectionError(f"{server.label}: timeout expired") from None
         except BackendRefused:
             conn.close()
@@ -344,6 +361,9 @@ class LocalServer:
 
     def serves(self, route: str | None) -> bool:
         return True
+
+    def check_soon(self) -> None:
+        pass
 
     def prefers(self, server, route: str | None) -> bool:
         return True

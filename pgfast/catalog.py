@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import re
 import struct
 import time
 from collections import deque
@@ -76,9 +77,14 @@ SEARCH_PATH = "pg_catalog, pg_temp"
 
 def auth_function_sql(schema: str = "pgfast", grantee: str = "pgfast_auth") -> str:
     """SQL that creates the function pgfast.auth_query can call as a role without access
-    to pg_authid: run it as a superuser on the primary."""
+    to pg_authid: run it as a superuser on the primary. One transaction, so that psql,
+    which goes on after an error by default, creates nothing when the check fails."""
+    for name in (schema, grantee):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise ValueError(f"{name!r}: use a lower-case SQL identifier")
     # a schema someone else owns could have its function swapped: refused, not reused
-    return (f"DO $check$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = '{schema}' "
+    return ("BEGIN;\n"
+            f"DO $check$ BEGIN IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = '{schema}' "
             f"AND nspowner <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)) THEN "
             f"RAISE EXCEPTION 'schema {schema} exists and belongs to another role'; END IF; END $check$;\n"
             f"CREATE SCHEMA IF NOT EXISTS {schema};\n"
@@ -88,7 +94,8 @@ def auth_function_sql(schema: str = "pgfast", grantee: str = "pgfast_auth") -> s
             f"  AS $pgfast${LOGIN_FACTS}$pgfast$;\n"
             f"REVOKE ALL ON FUNCTION {schema}.login_facts(text, text, text) FROM PUBLIC;\n"
             f"GRANT USAGE ON SCHEMA {schema} TO {grantee};\n"
-            f"GRANT EXECUTE ON FUNCTION {schema}.login_facts(text, text, text) TO {grantee};\n")
+            f"GRANT EXECUTE ON FUNCTION {schema}.login_facts(text, text, text) TO {grantee};\n"
+            "COMMIT;\n")
 
 
 def _as_text(name: str) -> str:
@@ -295,7 +302,7 @@ class Catalog:
         self._databases = databases
         self._session: CatalogSession | None = None
         self._opening: asyncio.Task | None = None
-        self._inflight: dict[tuple[str, ...], asyncio.Future] = {}
+        self._inflight: dict[tuple[str, ...], tuple[asyncio.Future, CatalogSession]] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
 
     async def _open_session(self) -> CatalogSession:
@@ -317,10 +324,14 @@ class Catalog:
     async def _current_session(self) -> CatalogSession:
         session = self._session
         if session is not None and not self.servers.prefers(session.backend.server, ANY):
-            # upstream mode: its host is no longer where the catalogs should be read (down,
-            # or a standby while a primary answers again): answer what is queued, then go
+            # upstream mode: its host is no longer where the catalogs should be read. A
+            # standby while a primary answers again answers what is queued, then goes; a
+            # host that is down answers nothing more
             self._session = None
-            session.retire()
+            if session.backend.server.serves(ANY):
+                session.retire()
+            else:
+                session.close("the catalog session's upstream server is out of rotation")
         while self._session is None or self._session.state is not SessionState.OPEN:
             if self._opening is None:
                 self._opening = asyncio.get_running_loop().create_task(self._open(), context=log.detached())
@@ -361,24 +372,30 @@ class Catalog:
         """Rows of sql, whose first columns echo params; one query in flight per distinct
         (sql, params), shared by everyone who asks meanwhile."""
         key = (sql, *params)
-        future = self._inflight.get(key)
-        if future is None:
+        entry = self._inflight.get(key)
+        if entry is None or entry[1] is not self._session:
+            # (a query in flight on a session that has been let go is not joined)
             session = await self._current_session()
             future = session.request(sql, params)
-            self._inflight[key] = future
+            self._inflight[key] = (future, session)
             future.add_done_callback(lambda done: self._answered(key, done))
+        else:
+            future, session = entry
         # shielded: one waiter giving up must not cancel the answer others wait for
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
-            session = self._session
-            if session is not None:
+            # the session that holds this request is stuck, whichever is current now
+            reason = f"pgfast's catalog query got no answer in {self._timeout:g} s"
+            if self._session is session:
                 self._session = None
-                session.close(f"pgfast's catalog query got no answer in {self._timeout:g} s")
-            raise CatalogError(f"pgfast's catalog query got no answer in {self._timeout:g} s") from None
+            session.close(reason)
+            raise CatalogError(reason) from None
 
     def _answered(self, key: tuple, future: asyncio.Future) -> None:
-        self._inflight.pop(key, None)
+        entry = self._inflight.get(key)
+        if entry is not None and entry[0] is future:     # not a later request for the same key
+            del self._inflight[key]
         _retrieve(future)
 
     async def login_facts(self, user: str, database: str, *, roles: bool) -> LoginFacts:

@@ -33,6 +33,7 @@ class Secret:
     password: bytes | None = None
     scram: ScramKeys | None = None
     md5: str | None = None          # pg_authid's md5 hash, which is all an md5 exchange needs
+    fixed: bool = False             # pgfast.passfile's, for a fixed role (not a client's own)
 
     def __repr__(self) -> str:
         kinds = [name for name in ("password", "scram", "md5") if getattr(self, name) is not None]
@@ -93,7 +94,7 @@ class Login:
             return _password_message(md5_salted(self._md5_secret(), data[:4]))
         if code == _SASL:
             return self._start_scram(data, channel_binding)
-        if code == _SASL_CONTINUE and self._scram is not None and not self._scram_done:
+        if code == _SASL_CONTINUE and self._scram is not None and not self._scram.finished_client:
             return messages.message(b"p", self._scram.final(data))
         if code == _SASL_FINAL and self._scram is not None and self._scram.finished_client and not self._scram_done:
             self._scram.verify(data)
@@ -129,7 +130,8 @@ class Login:
             raise ConnectionError(NO_PASSWORD)
         # 'y' tells a server that offered no PLUS that this client could have bound (RFC 5802)
         self._scram = ScramClient(secret.password, secret.scram, channel_binding=channel_binding if plus else None,
-                                  ssl_in_use=channel_binding is not None and self._policy.channel_binding != "disable")
+                                  ssl_in_use=channel_binding is not None and self._policy.channel_binding != "disable",
+                                  cache=secret.fixed)
         self._bound = plus
         mechanism = (SCRAM_PLUS if plus else SCRAM).encode()
         first = self._scram.first()

@@ -267,14 +267,18 @@ class ScramKeys:
         return "ScramKeys(...)"
 
 
+MAX_CLIENT_ITERATIONS = 1_000_000       # about half a second of PBKDF2
+
+
 class ScramClient:
     """One SCRAM-SHA-256(-PLUS) exchange as a client, from a password or from ScramKeys.
     Errors are libpq's words (fe-auth-scram.c)."""
 
     def __init__(self, password: bytes | None = None, keys: ScramKeys | None = None, *,
-                 channel_binding: bytes | None = None, ssl_in_use: bool = False):
+                 channel_binding: bytes | None = None, ssl_in_use: bool = False, cache: bool = False):
         self._password = password
         self._keys = keys
+        self._cache = cache         # a fixed role's password (pgfast.passfile), never a client's
         # gs2 header: p= binds to the server's certificate (SCRAM-SHA-256-PLUS); y says this
         # client could have, on a TLS connection whose server offered no PLUS; n: no TLS
         if channel_binding is not None:
@@ -304,7 +308,12 @@ class ScramClient:
         if iterations <= 0 or not salt:
             raise ConnectionError("malformed SCRAM message (invalid iteration count or salt)")
         if self._password is not None:
-            client_key, self._server_key = _client_and_server_keys(self._password, salt, iterations)
+            if iterations > MAX_CLIENT_ITERATIONS:
+                # PBKDF2 runs on the event loop: a server must not be able to stall a worker
+                raise ConnectionError(f"SCRAM iteration count {iterations} is more than pgfast computes "
+                                      f"({MAX_CLIENT_ITERATIONS})")
+            derive = _cached_keys if self._cache else _client_and_server_keys
+            client_key, self._server_key = derive(self._password, salt, iterations)
         elif self._keys.salt == salt and self._keys.iterations == iterations:
             client_key, self._server_key = self._keys.client_key, self._keys.server_key
         else:
@@ -326,9 +335,11 @@ class ScramClient:
             raise ConnectionError("incorrect server signature")
 
 
-@functools.lru_cache(maxsize=256)
 def _client_and_server_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """PBKDF2 once per password, salt and count: pgfast logs in with the same fixed roles'
-    passwords (health checks, the catalogs) again and again, on the event loop."""
     salted = hashlib.pbkdf2_hmac("sha256", prepare_password(password), salt, iterations)
     return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+
+
+# once per fixed role's password, salt and count: pgfast logs in with the same passfile
+# passwords (health checks, the catalogs) again and again, on the event loop
+_cached_keys = functools.lru_cache(maxsize=64)(_client_and_server_keys)

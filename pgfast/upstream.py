@@ -32,7 +32,7 @@ from . import conninfo, log, messages
 from ._framing import SSL_REQUEST_CODE
 from ._pump import TLSError
 from ._tlsstream import TLSTransport
-from .backend import CANCEL_TIMEOUT, BackendConnection, open_backend
+from .backend import CANCEL_TIMEOUT, BackendConnection, BackendRefused, open_backend
 from .credentials import Policy, Secret
 from .negotiation import ANY, PREFER_STANDBY, PRIMARY, STANDBY
 from .tls import ClientTLS, server_end_point_hash
@@ -44,6 +44,8 @@ _SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)
 
 
 _ROUTES = {"read-only": STANDBY, "standby": STANDBY, "prefer-standby": PREFER_STANDBY}
+_BUSY = ("53300", "53400")      # too many connections: a full host, not a dead one
+_CHECK_SOON_SECONDS = 1.0        # at most this often per host, for failed connections
 
 
 class HostState(enum.Enum):
@@ -145,6 +147,7 @@ class UpstreamHost:
         self.lsn: int | None = None          # its WAL position at the last check
         self.checked_at = 0.0
         self.checking = False                # a health check of it runs
+        self.soon_at = float("-inf")         # when a failed connection last asked for a check
         self.failure: str | None = None      # why its last check failed
 
     def __repr__(self) -> str:
@@ -184,7 +187,7 @@ class UpstreamHost:
         """Without an entry, an empty secret: a password request gets libpq's "no password
         supplied", never a pass through to the client."""
         password = self.upstream.password_for(self.host, database, user)
-        return Secret(password=password.encode()) if password is not None else Secret()
+        return Secret(password=password.encode(), fixed=True) if password is not None else Secret()
 
     # --- connections ------------------------------------------------------------------
 
@@ -201,8 +204,11 @@ class UpstreamHost:
             else:
                 failure = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{self.label}: {_reason(exc)}")
             # one failure (a full backlog, a slow moment) is not a verdict: a health check is
-            self.upstream.check_soon(self)
+            self.check_soon()
             raise failure from None
+
+    def check_soon(self) -> None:
+        self.upstream.check_soon(self)
 
     async def _connect(self, factory, encrypt: bool | None):
         loop = asyncio.get_running_loop()
@@ -214,10 +220,11 @@ class UpstreamHost:
         else:
             transport, negotiation = await loop.create_connection(
                 _Negotiation, self.host.hostaddr or self.host.host, self.host.port)
-            self.upstream.set_socket_options(transport.get_extra_info("socket"))
         if encrypt is None:
             encrypt = info.sslmode != "disable"
         try:
+            if not self.unix:
+                self.upstream.set_socket_options(transport.get_extra_info("socket"))
             tls_session = None
             if encrypt and info.options.get("sslnegotiation") == "direct":
                 # PostgreSQL 17's direct TLS: the handshake at once, ALPN saying what follows
@@ -236,6 +243,7 @@ class UpstreamHost:
                 else:
                     raise UpstreamError(f"{self.label}: received invalid response to SSL negotiation: "
                                         f"{chr(answer[0]) if answer else ''}")
+            binding = self._end_point(tls_session) if tls_session is not None else None
         except BaseException:
             transport.abort()
             raise
@@ -244,14 +252,21 @@ class UpstreamHost:
             wrapped = TLSTransport(transport, tls_session.pump, protocol)
             if isinstance(protocol, BackendConnection):
                 protocol.tls = f"{tls_session.version}/{tls_session.connection.get_cipher_name()}"
-                certificate = tls_session.connection.get_peer_certificate(as_cryptography=True)
-                if certificate is not None:
-                    protocol.channel_binding = server_end_point_hash(certificate)
+                protocol.channel_binding = binding
             protocol.connection_made(wrapped)
         else:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
         return protocol
+
+    def _end_point(self, session) -> bytes | None:
+        """SCRAM-SHA-256-PLUS's tls-server-end-point data for the upstream's certificate."""
+        try:
+            certificate = session.connection.get_peer_certificate(as_cryptography=True)
+            return server_end_point_hash(certificate) if certificate is not None else None
+        except Exception as exc:        # a signature algorithm cryptography cannot name, say
+            raise UpstreamError(f"{self.label}: SSL error: no channel binding data for the server certificate: "
+                                f"{exc}") from None
 
     async def _handshake(self, transport, negotiation: _Negotiation):
         tls: ClientTLS = self.upstream.tls
@@ -289,6 +304,8 @@ class UpstreamHost:
 
     async def check(self) -> None:
         """Ask the host what it is, as pgfast.auth_user; DOWN if it cannot say in time."""
+        if self.checking:
+            return              # one check of a host at a time: an older answer must not land last
         upstream = self.upstream
         backend = None
         self.checking = True
@@ -299,6 +316,13 @@ class UpstreamHost:
                 raise UpstreamError(error.get("M", "health check failed"))
             (in_recovery, lsn), = rows
             lsn = _lsn(lsn)
+        except BackendRefused as exc:
+            if exc.fields.get("C") not in _BUSY:
+                self._set_state(HostState.DOWN, f"{self.label}: {exc}")
+            elif self.failure != str(exc):     # full, not down: it keeps its role and its backends
+                self.failure = str(exc)
+                log.detached().run(log.log, f"upstream server {self!r} refused a health check: {exc}")
+            return
         except Exception as exc:        # whatever went wrong, the host cannot serve now
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"{self.label}: timeout expired"
@@ -392,7 +416,8 @@ class Upstream:
         return primary
 
     def prefers(self, host: UpstreamHost, route: str | None) -> bool:
-        """Whether pick(route) could choose host now (without taking a standby's turn)."""
+        """Whether host is still a right place for a session of route (the catalog's, ANY:
+        the primary while there is one), without taking a standby's turn."""
         primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
         if route == ANY and primary is not None:
             return host is primary
@@ -407,17 +432,25 @@ class Upstream:
         return lag is None or lag <= self.max_standby_lag
 
     def set_socket_options(self, sock) -> None:
-        """libpq's keepalives and tcp_user_timeout (pgfast's keepalive defaults above)."""
-        if sock is None or self.info.options.get("keepalives") == "0":
+        """libpq's keepalives and tcp_user_timeout, with pgfast's defaults (above). Linux
+        sends no keepalive while data waits for an acknowledgement, so tcp_user_timeout
+        defaults to the keepalives' own bound: a query sent to a host that vanished fails
+        as soon as an idle session would."""
+        if sock is None:
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, keyword in ((getattr(socket, "TCP_KEEPIDLE", None), "keepalives_idle"),
-                                (getattr(socket, "TCP_KEEPINTVL", None), "keepalives_interval"),
-                                (getattr(socket, "TCP_KEEPCNT", None), "keepalives_count")):
-            if option is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, option, self._keepalives[keyword])
+        keep = int(self.info.options.get("keepalives") or 1) != 0
         user_timeout = self.info.options.get("tcp_user_timeout")
-        if user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+        if keep:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, keyword in ((getattr(socket, "TCP_KEEPIDLE", None), "keepalives_idle"),
+                                    (getattr(socket, "TCP_KEEPINTVL", None), "keepalives_interval"),
+                                    (getattr(socket, "TCP_KEEPCNT", None), "keepalives_count")):
+                if option is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, max(1, self._keepalives[keyword]))
+            if user_timeout is None:
+                k = self._keepalives
+                user_timeout = 1000 * (k["keepalives_idle"] + k["keepalives_interval"] * k["keepalives_count"])
+        if user_timeout and int(user_timeout) > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout))
 
     def _why(self) -> str:
@@ -438,9 +471,13 @@ class Upstream:
         self._checked.set()
 
     def check_soon(self, host: UpstreamHost) -> None:
-        """A health check of host now (one at a time), for a connection to it that failed."""
-        if host in self._soon or host.checking or self._checker is None:
+        """A health check of host now (one at a time, at most once a second), for a
+        connection to it that failed."""
+        now = time.monotonic()
+        if (host in self._soon or host.checking or self._checker is None
+                or now - host.soon_at < _CHECK_SOON_SECONDS):
             return
+        host.soon_at = now
         self._soon.add(host)
         task = asyncio.get_running_loop().create_task(host.check(), context=log.detached())
         task.add_done_callback(lambda _: self._soon.discard(host))

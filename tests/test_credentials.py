@@ -83,6 +83,23 @@ def test_a_server_cannot_skip_or_switch_steps(steps, message):
             login.answer(code, data)
 
 
+def test_a_second_server_first_gets_no_second_proof():
+    login = Login("alice", Secret(password=PASSWORD))
+    _, client_first = _sasl_payload(login.answer(10, SCRAM.encode() + b"\0\0"))
+    server_first = ScramServer(SCRAM, SECRET, None, ssl_in_use=False).first(client_first)
+    login.answer(11, server_first)
+    with pytest.raises(ConnectionError, match="unexpected SASL message from server"):
+        login.answer(11, server_first)
+
+
+def test_a_server_cannot_ask_for_endless_pbkdf2():
+    login = Login("alice", Secret(password=PASSWORD))
+    _, client_first = _sasl_payload(login.answer(10, SCRAM.encode() + b"\0\0"))
+    nonce = client_first.split(b"r=", 1)[1]
+    with pytest.raises(ConnectionError, match="SCRAM iteration count 2147483647 is more than pgfast computes"):
+        login.answer(11, b"r=" + nonce + b"x,s=" + base64.b64encode(SALT) + b",i=2147483647")
+
+
 def test_a_wrong_server_signature_is_refused():
     login = Login("alice", Secret(password=PASSWORD))
     _, client_first = _sasl_payload(login.answer(10, SCRAM.encode() + b"\0\0"))

@@ -10,6 +10,7 @@ import asyncio
 import os
 import random
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -537,6 +538,72 @@ def test_a_host_that_goes_silent_is_an_error_within_seconds_not_a_hang(replicas,
     finally:
         server.stop()
         proxy.close()
+
+
+def test_an_impostor_that_skips_authentication_is_refused(module_dir, module_env, bindir):
+    """A server that answers the startup packet with BackendKeyData and ReadyForQuery,
+    never AuthenticationOk: as libpq, pgfast takes nothing it says before that."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def impostor() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"K" + struct.pack("!iii", 12, 4242, 1) + b"Z" + struct.pack("!i", 5) + b"I")
+                    conn.recv(65536)
+                except OSError:
+                    pass
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    server = _front(module_dir, f"host=127.0.0.1 port={port} sslmode=disable", module_env).start()
+    try:
+        assert "expected authentication request from server, but received K" in _refusal(bindir, server, module_env)
+    finally:
+        server.stop()
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_full_host_keeps_its_place(replicas, module_dir, module_env, bindir):
+    """A health check refused for too many connections (here the checking role's
+    CONNECTION LIMIT 0) says the host is full, not down: it is logged, not taken out."""
+    replicas.primary.sql("CREATE ROLE full_checker LOGIN PASSWORD 'full-secret' CONNECTION LIMIT 0")
+    conninfo = f"host=127.0.0.1 port={replicas.primary.port} sslrootcert={replicas.ca_file}"
+    server = _front(module_dir, conninfo, module_env, "pgfast.auth_user = 'full_checker'\n",
+                    passfile="*:*:*:full_checker:full-secret\n").start()
+    try:
+        server.wait_for(f"upstream server 127.0.0.1:{replicas.primary.port} refused a health check: "
+                        'too many connections for role "full_checker"')
+        time.sleep(1.5)
+        assert "out of rotation" not in server.log, server.log
+    finally:
+        server.stop()
+
+
+def test_the_auth_function_script_refuses_a_schema_someone_else_owns(replicas, bindir, module_env):
+    """Piped into psql as the README says (psql goes on after an error by default), the
+    script creates nothing in a schema another role owns: it is one transaction."""
+    replicas.primary.sql("CREATE ROLE mallory; CREATE SCHEMA borrowed AUTHORIZATION mallory")
+    primary = replicas.primary
+    result = subprocess.run([os.path.join(bindir, "psql"), "-X", "-h", primary.socket_dir, "-p", str(primary.port),
+                             "-U", "postgres", "-d", "postgres", "-f", "-"],
+                            input=auth_function_sql(schema="borrowed", grantee="mallory"), capture_output=True,
+                            text=True, timeout=60, env=module_env)
+    assert "schema borrowed exists and belongs to another role" in result.stderr, result.stderr
+    assert primary.sql("SELECT count(*) FROM pg_proc WHERE proname = 'login_facts' "
+                       "AND pronamespace = 'borrowed'::regnamespace") == "0"
 
 def test_the_passfile_must_be_private(module_dir, module_env):
     server = _front(module_dir, "host=127.0.0.1", module_env)
