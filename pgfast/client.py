@@ -493,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
                 pool = frontend.tx_pools.pool_for(
                     pool_key(facts.session_rules, startup.params, self._route), startup.params,
                     f'role "{startup.user}", database "{startup.database}"',
-                    frontend.setting_for("pgfast.pool_size", facts), self._secret, self._route)
+                    frontend.setting_for("pgfast.pool_size", facts), self._secret)
                 params = await greet(frontend.tx_pools, pool, startup.params)
             else:
                 rules = facts.session_rules if mode == "session" else None

@@ -40,9 +40,8 @@ def pool_key(rules, params: list[tuple[str, str]], route: str | None = None) -> 
     """What a backend must share with a client to serve it: the role and database (by
     OID), the settings ALTER ROLE/DATABASE gives their sessions (changed ones make a new
     pool, whose backends start under them), the startup parameters pgfast does not
-    carry itself, and (upstream mode) which hosts it runs on."""
-    key = rules.role_oid, rules.database_oid, rules.settings, backend_params(params)
-    return key if route is None else (*key, route)
+    carry itself, and (upstream mode) which hosts it runs on, last (_Pool.route)."""
+    return rules.role_oid, rules.database_oid, rules.settings, backend_params(params), route
 
 
 def backend_params(params: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -78,9 +77,9 @@ class _Pool:
         # started with: read from a backend once, so a busy pool still greets at once
         self.greetings: dict[tuple, dict[str, str]] = {}
         self.sized_for_role = False           # pgfast.pool_size from ALTER ROLE/DATABASE: kept by reloads
-        # upstream mode: which hosts (the key holds it too) and what the role logs in with,
-        # the latest client's (credentials.py); None with the local PostgreSQL
-        self.route: str | None = None
+        # upstream mode: which hosts its backends run on (pool_key's last part), and what the
+        # role logs in with, the latest client's (credentials.py); None with the local PostgreSQL
+        self.route: str | None = key[-1]
         self.secret = None
         self.assignments = 0                  # backends lent, and the microseconds clients waited for them
         self.wait_us = 0
@@ -148,13 +147,13 @@ class TransactionPools:
         return task
 
     def pool_for(self, key: tuple, params: list[tuple[str, str]], description: str, size: int | None = None,
-                 secret=None, route: str | None = None) -> _Pool:
+                 secret=None) -> _Pool:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(key, backend_params(params), description,
                                             self._size if size is None else size)
             pool.sized_for_role = size is not None and size != self._size
-            pool.secret, pool.route = secret, route
+            pool.secret = secret
             self._keep_minimum(pool)
             self._schedule_sweep()
         elif secret is not None:

@@ -199,16 +199,20 @@ class UpstreamHost:
         try:
             return await asyncio.wait_for(self._connect(factory, encrypt), self.login_timeout)
         except (OSError, TLSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError):
-                failure = UpstreamError(f"{self.label}: timeout expired")
-            else:
-                failure = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{self.label}: {_reason(exc)}")
             # one failure (a full backlog, a slow moment) is not a verdict: a health check is
             self.check_soon()
-            raise failure from None
+            raise self._failure(exc) from None
 
     def check_soon(self) -> None:
         self.upstream.check_soon(self)
+
+    def _failure(self, exc: BaseException) -> UpstreamError:
+        """libpq's words for a failed connection or check, prefixed with the host."""
+        if isinstance(exc, UpstreamError):
+            return exc
+        if isinstance(exc, asyncio.TimeoutError):
+            return UpstreamError(f"{self.label}: timeout expired")
+        return UpstreamError(f"{self.label}: {_reason(exc)}")
 
     async def _connect(self, factory, encrypt: bool | None):
         loop = asyncio.get_running_loop()
@@ -324,11 +328,7 @@ class UpstreamHost:
                 log.detached().run(log.log, f"upstream server {self!r} refused a health check: {exc}")
             return
         except Exception as exc:        # whatever went wrong, the host cannot serve now
-            if isinstance(exc, asyncio.TimeoutError):
-                reason = f"{self.label}: timeout expired"
-            else:
-                reason = str(exc) if isinstance(exc, UpstreamError) else f"{self.label}: {_reason(exc)}"
-            self._set_state(HostState.DOWN, reason)
+            self._set_state(HostState.DOWN, str(self._failure(exc)))
             return
         finally:
             self.checking = False
@@ -397,6 +397,10 @@ class Upstream:
 
     # --- routes -----------------------------------------------------------------------
 
+    def _primary(self) -> UpstreamHost | None:
+        """The first host whose last check said primary (split brain: list order decides)."""
+        return next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+
     @property
     def default_route(self) -> str:
         """The route of a database named without pgfast.standby_suffix."""
@@ -404,7 +408,7 @@ class Upstream:
 
     def pick(self, route: str | None = None) -> UpstreamHost:
         """The host a new backend for route runs on; UpstreamError when none may serve it."""
-        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        primary = self._primary()
         if route in (STANDBY, PREFER_STANDBY) or (route == ANY and primary is None):
             ready = [h for h in self.hosts if h.state is HostState.STANDBY and self.caught_up(h)]
             if ready:
@@ -418,7 +422,7 @@ class Upstream:
     def prefers(self, host: UpstreamHost, route: str | None) -> bool:
         """Whether host is still a right place for a session of route (the catalog's, ANY:
         the primary while there is one), without taking a standby's turn."""
-        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        primary = self._primary()
         if route == ANY and primary is not None:
             return host is primary
         return host.serves(route)
@@ -428,7 +432,7 @@ class Upstream:
         primary to compare with, a standby that has replayed anything serves reads)."""
         if standby.lsn is None:
             return False            # it has replayed nothing yet
-        lag = _lag(standby, next((h for h in self.hosts if h.state is HostState.PRIMARY), None))
+        lag = _lag(standby, self._primary())
         return lag is None or lag <= self.max_standby_lag
 
     def set_socket_options(self, sock) -> None:
@@ -459,7 +463,7 @@ class Upstream:
 
     def describe(self) -> list[dict]:
         """SHOW UPSTREAM's rows (console.py)."""
-        primary = next((h for h in self.hosts if h.state is HostState.PRIMARY), None)
+        primary = self._primary()
         return [{"host": h.host.host, "port": h.host.port, "state": h.state.value, "lag_bytes": _lag(h, primary),
                  "checked": time.time() - (time.monotonic() - h.checked_at) if h.checked_at else None,
                  "failure": h.failure or ""} for h in self.hosts]
